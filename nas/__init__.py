@@ -1,0 +1,1 @@
+"""Second-order neural architecture search built on the curvature utilities of `defbound`."""
