@@ -19,12 +19,12 @@ from defbound.state import DEFParameters, Moments
 
 
 def expected_log_likelihood_terms(params: DEFParameters, moments: Moments) -> list[Tensor]:
-    """Expected log densities ``E_q[log p(z_l | z_{l+1})]`` per row, one per layer.
+    r"""Expected log densities ``E_q[log p(z_l | z_{l+1})]`` per row, one per layer.
 
     .. math::
-        E_q[\\log p(z_l \\mid z_{l+1})] = \\sum_k -\\tfrac12 \\log(2\\pi\\sigma^2_{l,k})
-        - \\frac{(m_{l,k} - \\bar\\eta_{l,k})^2 + v_{l,k} + \\sum_j W_{kj}^2 v_{l+1,j}}
-        {2\\sigma^2_{l,k}}
+        E_q[\log p(z_l \mid z_{l+1})] = \sum_k -\tfrac12 \log(2\pi\sigma^2_{l,k})
+        - \frac{(m_{l,k} - \bar\eta_{l,k})^2 + v_{l,k} + \sum_j W_{kj}^2 v_{l+1,j}}
+        {2\sigma^2_{l,k}}
 
     and for the top layer ``E = (m_L - b_L)^2 + v_L``.
 
@@ -57,9 +57,9 @@ def entropy(moments: Moments) -> Tensor:
 
 
 def elbo(params: DEFParameters, moments: Moments) -> Tensor:
-    """Exact evidence lower bound of the mean-field Gaussian q, per row.
+    r"""Exact evidence lower bound of the mean-field Gaussian q, per row.
 
-    .. math:: \\mathrm{ELBO}(q) = E_q[\\log p(x, z)] + H[q] \\le \\log p(x).
+    .. math:: \mathrm{ELBO}(q) = E_q[\log p(x, z)] + H[q] \le \log p(x).
 
     Args:
         params: DEF parameters.
@@ -72,12 +72,12 @@ def elbo(params: DEFParameters, moments: Moments) -> Tensor:
 
 
 def fm_gap(params: DEFParameters, moments: Moments) -> Tensor:
-    """Gap ``ELBO(q) - FM*(q)`` of the collapsed forest-mixture bound, per row.
+    r"""Gap ``ELBO(q) - FM*(q)`` of the collapsed forest-mixture bound, per row.
 
     .. math::
-        \\mathrm{ELBO} - \\mathrm{FM}^* = \\sum_{l<L} \\sum_k
-        \\frac{(\\sum_j |W_{kj}| \\sqrt{v_{l+1,j}})^2 - \\sum_j W_{kj}^2 v_{l+1,j}}
-        {2\\sigma^2_{l,k}} \\;\\ge 0,
+        \mathrm{ELBO} - \mathrm{FM}^* = \sum_{l<L} \sum_k
+        \frac{(\sum_j |W_{kj}| \sqrt{v_{l+1,j}})^2 - \sum_j W_{kj}^2 v_{l+1,j}}
+        {2\sigma^2_{l,k}} \;\ge 0,
 
     zero exactly when every child has at most one parent with ``W_kj v_j != 0`` (a forest).
 
@@ -116,11 +116,11 @@ def fm_bound(params: DEFParameters, moments: Moments) -> Tensor:
 def optimal_auxiliary(
     params: DEFParameters, moments: Moments, layer: int
 ) -> tuple[Tensor, Tensor]:
-    """Optimal mixture weights and bias split on the edges from ``layer`` to its parents.
+    r"""Optimal mixture weights and bias split on the edges from ``layer`` to its parents.
 
     .. math::
-        \\pi^*_{kj} = \\frac{|W_{kj}| \\sqrt{v_j}}{\\sum_{j'} |W_{kj'}| \\sqrt{v_{j'}}}, \\qquad
-        \\beta^*_{kj} = \\pi^*_{kj} \\bar\\eta_k - W_{kj} m_j,
+        \pi^*_{kj} = \frac{|W_{kj}| \sqrt{v_j}}{\sum_{j'} |W_{kj'}| \sqrt{v_{j'}}}, \qquad
+        \beta^*_{kj} = \pi^*_{kj} \bar\eta_k - W_{kj} m_j,
 
     with ``0/0`` read as 0 (a child with no effective parent has a zero row).
 
@@ -148,15 +148,15 @@ def fm_bound_explicit(
     pis: list[Tensor],
     betas: list[Tensor],
 ) -> Tensor:
-    """Forest-mixture bound ``FM(q, pi, beta)`` for given auxiliary parameters, per row.
+    r"""Forest-mixture bound ``FM(q, pi, beta)`` for given auxiliary parameters, per row.
 
     Jensen's inequality on the log-partition of every child gives
 
     .. math::
-        \\mathrm{FM} = \\mathrm{ELBO} - \\sum_{l<L}\\sum_k \\frac{G_{l,k}}{2\\sigma^2_{l,k}},\\quad
-        G_{l,k} = \\sum_j \\pi_{kj}(\\bar u_{kj} - \\bar\\eta_k)^2
-        + \\sum_j W_{kj}^2 v_j (1/\\pi_{kj} - 1),\\quad
-        \\bar u_{kj} = (W_{kj} m_j + \\beta_{kj}) / \\pi_{kj}.
+        \mathrm{FM} = \mathrm{ELBO} - \sum_{l<L}\sum_k \frac{G_{l,k}}{2\sigma^2_{l,k}},\quad
+        G_{l,k} = \sum_j \pi_{kj}(\bar u_{kj} - \bar\eta_k)^2
+        + \sum_j W_{kj}^2 v_j (1/\pi_{kj} - 1),\quad
+        \bar u_{kj} = (W_{kj} m_j + \beta_{kj}) / \pi_{kj}.
 
     Entries with ``pi_kj = 0`` must have ``W_kj = 0`` and ``beta_kj = 0`` and contribute 0.
 

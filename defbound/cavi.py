@@ -1,10 +1,10 @@
-"""Coordinate-ascent baselines on the same mean-field Gaussian q: sequential and layer-parallel.
+r"""Coordinate-ascent baselines on the same mean-field Gaussian q: sequential and layer-parallel.
 
 Sequential CAVI updates one variable at a time (Gauss-Seidel on ``Lambda m = h``); it always
 converges and never lowers the ELBO, but its ``sum_l K_l`` updates per sweep are dependent.
 Layer-parallel CAVI (Jacobi) updates a whole layer with the single-variable formulas at once,
 
-.. math:: m_l \\leftarrow m_l + g / \\mathrm{diag}(\\Lambda_{ll}),
+.. math:: m_l \leftarrow m_l + g / \mathrm{diag}(\Lambda_{ll}),
 
 which diverges when many co-parents share children (spectral radius of
 ``I - D^{-1} Lambda`` above 1): the instability the forest-mixture bound removes.
@@ -116,7 +116,8 @@ def jacobi_spectral_radius(params: DEFParameters, layer: int) -> float:
         The spectral radius as a float.
     """
     W = params.weights[layer - 1]
-    lam = torch.diag(1 / params.noise_vars[layer]) + W.T @ (W / params.noise_vars[layer - 1][:, None])
+    child_precision = 1 / params.noise_vars[layer - 1]
+    lam = torch.diag(1 / params.noise_vars[layer]) + W.T @ (W * child_precision[:, None])
     d = torch.diagonal(lam)
     iteration = torch.eye(len(d), dtype=lam.dtype, device=lam.device) - lam / d[:, None]
     return torch.linalg.eigvals(iteration).abs().max().item()

@@ -69,12 +69,12 @@ class _ClosedFormObjective(ELBO):
 
 
 class FMBound(_ClosedFormObjective):
-    """Negative collapsed forest-mixture bound ``-FM*(q)`` as a Pyro loss.
+    r"""Negative collapsed forest-mixture bound ``-FM*(q)`` as a Pyro loss.
 
     .. math::
-        \\mathrm{FM}^*(q) = \\mathrm{ELBO}(q) - \\sum_{l<L}\\sum_k
-        \\frac{(\\sum_j |W_{kj}|\\sqrt{v_j})^2 - \\sum_j W_{kj}^2 v_j}{2\\sigma^2_{l,k}}
-        \\;\\le\\; \\mathrm{ELBO}(q) \\;\\le\\; \\log p(x).
+        \mathrm{FM}^*(q) = \mathrm{ELBO}(q) - \sum_{l<L}\sum_k
+        \frac{(\sum_j |W_{kj}|\sqrt{v_j})^2 - \sum_j W_{kj}^2 v_j}{2\sigma^2_{l,k}}
+        \;\le\; \mathrm{ELBO}(q) \;\le\; \log p(x).
 
     Usable as ``SVI(model, guide, optim, loss=FMBound())`` to learn weights and q by gradient.
     The closed-form parallel updates of :func:`defbound.fit` maximise the same objective.
@@ -90,9 +90,9 @@ class FMBound(_ClosedFormObjective):
 
 
 class MeanFieldELBO(_ClosedFormObjective):
-    """Negative exact ELBO of a mean-field Normal guide for a Gaussian DEF, in closed form.
+    r"""Negative exact ELBO of a mean-field Normal guide for a Gaussian DEF, in closed form.
 
-    .. math:: \\mathrm{ELBO}(q) = E_q[\\log p(x, z)] + H[q].
+    .. math:: \mathrm{ELBO}(q) = E_q[\log p(x, z)] + H[q].
 
     Equals the expectation of Pyro's ``Trace_ELBO`` estimate for the same model and guide.
     """

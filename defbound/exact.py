@@ -48,13 +48,13 @@ def _joint_form(params: DEFParameters) -> tuple[Tensor, Tensor, Tensor, list[int
 
 
 def joint_system(params: DEFParameters, x: Tensor) -> JointSystem:
-    """Exact posterior precision, linear term and evidence by dense algebra over all layers.
+    r"""Exact posterior precision, linear term and evidence by dense algebra over all layers.
 
     With ``y = B y + c + e`` the joint precision is ``J = (I-B)^T diag(1/s2) (I-B)`` and the
     joint linear term ``j = (I-B)^T (c / s2)``. Conditioning on ``z_0 = x``:
 
     .. math::
-        \\Lambda = J_{hh}, \\qquad h = j_h - J_{ho} x,
+        \Lambda = J_{hh}, \qquad h = j_h - J_{ho} x,
 
     and ``log p(x)`` is the log density of ``N(mu_o, Sigma_oo)`` with
     ``mu = (I-B)^{-1} c`` and ``Sigma = (I-B)^{-1} diag(s2) (I-B)^{-T}``.
@@ -112,11 +112,11 @@ def optimal_mean_field(params: DEFParameters, x: Tensor) -> Moments:
 
 
 def optimal_elbo(params: DEFParameters, x: Tensor) -> Tensor:
-    """Mean-field optimum ``ELBO*`` per row, in closed form.
+    r"""Mean-field optimum ``ELBO*`` per row, in closed form.
 
     .. math::
-        \\mathrm{ELBO}^* = \\log p(x) - \\tfrac12\\Big(\\sum_i \\log\\Lambda_{ii}
-        - \\log\\det\\Lambda\\Big),
+        \mathrm{ELBO}^* = \log p(x) - \tfrac12\Big(\sum_i \log\Lambda_{ii}
+        - \log\det\Lambda\Big),
 
     the gap being non-negative by Hadamard's inequality and zero iff ``Lambda`` is diagonal.
 
@@ -130,11 +130,11 @@ def optimal_elbo(params: DEFParameters, x: Tensor) -> Tensor:
 
 
 def marginal_covariance(params: DEFParameters, layer: int) -> Tensor:
-    """Marginal covariance of layer ``l`` by the top-down recursion.
+    r"""Marginal covariance of layer ``l`` by the top-down recursion.
 
     .. math::
-        \\Sigma_L = \\mathrm{diag}\\,\\sigma^2_L, \\qquad
-        \\Sigma_l = W^{(l)} \\Sigma_{l+1} W^{(l)T} + \\mathrm{diag}\\,\\sigma^2_l.
+        \Sigma_L = \mathrm{diag}\,\sigma^2_L, \qquad
+        \Sigma_l = W^{(l)} \Sigma_{l+1} W^{(l)T} + \mathrm{diag}\,\sigma^2_l.
 
     Returns:
         Tensor of shape ``(K_l, K_l)``.
@@ -155,16 +155,16 @@ def marginal_mean(params: DEFParameters, layer: int = 0) -> Tensor:
 
 
 def log_likelihood(params: DEFParameters, x: Tensor) -> Tensor:
-    """Exact ``log p(x)`` per row from the Gaussian marginal of ``x``.
+    r"""Exact ``log p(x)`` per row from the Gaussian marginal of ``x``.
 
     ``Sigma_x = Psi + W_0 Sigma_1 W_0^T`` with ``Psi = diag sigma^2_0``. When ``K_1 < K_0`` the
     Woodbury identity keeps every factorisation at size ``K_1``:
 
     .. math::
-        \\log\\det\\Sigma_x = \\log\\det\\Psi + \\log\\det\\Sigma_1 + \\log\\det C,\\quad
-        C = \\Sigma_1^{-1} + W_0^T \\Psi^{-1} W_0,
+        \log\det\Sigma_x = \log\det\Psi + \log\det\Sigma_1 + \log\det C,\quad
+        C = \Sigma_1^{-1} + W_0^T \Psi^{-1} W_0,
 
-        r^T \\Sigma_x^{-1} r = r^T\\Psi^{-1}r - (W_0^T\\Psi^{-1}r)^T C^{-1} (W_0^T\\Psi^{-1}r).
+        r^T \Sigma_x^{-1} r = r^T\Psi^{-1}r - (W_0^T\Psi^{-1}r)^T C^{-1} (W_0^T\Psi^{-1}r).
 
     Cost ``O(N K_0 K_1 + K_1^3 + sum_l K_l K_{l+1}^2)``; no joint covariance is formed.
 

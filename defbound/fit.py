@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,13 +18,14 @@ from torch import Tensor
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
+from defbound.atomic_io import save_torch, write_json
 from defbound.bound import elbo, fm_bound
 from defbound.cavi import cavi_sweep, jacobi_sweep
 from defbound.guide import MeanFieldGuide
 from defbound.mstep import Learnable, closed_form_mstep
 from defbound.state import DEFParameters, Moments
 from defbound.structure import DEFStructure, extract_structure
-from defbound.update import SweepInfo, Schedule, VarianceRule, fm_sweep
+from defbound.update import Schedule, SweepInfo, VarianceRule, fm_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ Method = Literal["fm", "cavi", "jacobi"]
 MStep = Literal["closed-form", "svi", "none"]
 METHODS: tuple[str, ...] = ("fm", "cavi", "jacobi")
 CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "fit_history.json"
 
 
 @dataclass
@@ -191,7 +192,8 @@ def fit(
             result.max_change.append(info.max_change)
             result.wall_time.append(time.perf_counter() - start)
             bar.update(1)
-            bar.set_postfix(elbo=f"{value / result.n_rows:.4f}", bound=f"{bound / result.n_rows:.4f}")
+            n = result.n_rows
+            bar.set_postfix(elbo=f"{value / n:.4f}", bound=f"{bound / n:.4f}")
             if not math.isfinite(value):
                 result.stop_reason = "diverged"
                 break
@@ -344,14 +346,8 @@ def _save(path: Path, snapshot: _Snapshot, result: FitResult) -> None:
     for key in ("elbo", "bound", "max_change", "wall_time"):
         history[key] = history[key][: snapshot.sweeps]
     history["sweeps"] = snapshot.sweeps
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"param_store": snapshot.store, "result": history}, tmp)
-    os.replace(tmp, path)
-    metrics = path.with_name("fit_history.json")
-    tmp_json = metrics.with_suffix(".tmp")
-    tmp_json.write_text(json.dumps(history, indent=1))
-    os.replace(tmp_json, metrics)
+    save_torch(path, {"param_store": snapshot.store, "result": history})
+    write_json(path.with_name(HISTORY_FILE), history)
 
 
 def _restore(path: Path, result: FitResult) -> float:

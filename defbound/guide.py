@@ -37,6 +37,11 @@ class MeanFieldGuide:
         self.prefix = prefix
         self._sites: dict[str, tuple[str, int]] | None = None  # site -> (plate name, width)
 
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """Hidden site names, bottom to top (empty before the guide is set up)."""
+        return tuple(self._sites or ())
+
     def loc_name(self, site: str) -> str:
         """Param-store name of a site's location."""
         return f"{self.prefix}.loc.{site}"
@@ -58,7 +63,9 @@ class MeanFieldGuide:
             mean, var = init.means[layer], init.variances[layer]
             pyro.param(self.loc_name(name), lambda m=mean: m.clone())
             pyro.param(
-                self.scale_name(name), lambda v=var: v.sqrt().clone(), constraint=constraints.positive
+                self.scale_name(name),
+                lambda v=var: v.sqrt().clone(),
+                constraint=constraints.positive,
             )
 
     def __call__(self, *args, **kwargs) -> dict[str, Tensor]:

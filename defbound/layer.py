@@ -22,11 +22,11 @@ def def_layer(
     mask: Tensor | None = None,
     obs: Tensor | None = None,
 ) -> Tensor:
-    """Sample one Gaussian DEF layer and record its structure on the Pyro sample site.
+    r"""Sample one Gaussian DEF layer and record its structure on the Pyro sample site.
 
     .. math::
-        z \\mid z_{\\mathrm{parent}} \\sim
-        N\\big(z_{\\mathrm{parent}} (W \\odot M)^T + b,\\ \\mathrm{diag}\\,\\sigma^2\\big),
+        z \mid z_{\mathrm{parent}} \sim
+        N\big(z_{\mathrm{parent}} (W \odot M)^T + b,\ \mathrm{diag}\,\sigma^2\big),
 
     or ``N(b, diag sigma^2)`` for a top layer (no parent). The site is an ordinary
     ``Normal(...).to_event(1)`` sample site, so the model also runs under ``poutine.trace``,

@@ -15,12 +15,12 @@ from defbound.state import DEFParameters, check_parameters
 
 
 class GaussianDEF:
-    """All-Gaussian deep exponential family as a Pyro model, ``model(x)``.
+    r"""All-Gaussian deep exponential family as a Pyro model, ``model(x)``.
 
     .. math::
-        z_L \\sim N(b_L, \\mathrm{diag}\\,\\sigma_L^2),\\quad
-        z_l \\mid z_{l+1} \\sim N((W^{(l)} \\odot M^{(l)}) z_{l+1} + b_l,
-        \\mathrm{diag}\\,\\sigma_l^2),\\quad x = z_0.
+        z_L \sim N(b_L, \mathrm{diag}\,\sigma_L^2),\quad
+        z_l \mid z_{l+1} \sim N((W^{(l)} \odot M^{(l)}) z_{l+1} + b_l,
+        \mathrm{diag}\,\sigma_l^2),\quad x = z_0.
 
     Sites are ``"x"`` (observed) and ``"z1"``..``"zL"`` inside ``pyro.plate("data", N)``.
     With ``learnable=True`` weights, biases and noise scales are Pyro params

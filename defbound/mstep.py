@@ -32,21 +32,21 @@ def closed_form_mstep(
     min_noise_var: float = 1e-6,
     ridge: float = 1e-10,
 ) -> DEFParameters:
-    """Maximise the mean-field ELBO over the generative parameters with q fixed.
+    r"""Maximise the mean-field ELBO over the generative parameters with q fixed.
 
     For child layer ``c`` with parents ``p = c + 1`` and augmented parents ``zh = (z_p, 1)``,
     summing over rows ``n`` under the mean-field q (so ``E[z_c zh^T] = m_c mh^T``):
 
     .. math::
-        A = \\sum_n \\big(\\hat m_n \\hat m_n^T + \\mathrm{diag}(v_{p,n}, 0)\\big), \\quad
-        R = \\sum_n m_{c,n} \\hat m_n^T, \\quad
+        A = \sum_n \big(\hat m_n \hat m_n^T + \mathrm{diag}(v_{p,n}, 0)\big), \quad
+        R = \sum_n m_{c,n} \hat m_n^T, \quad
         (w_k, b_k) = A_{S_k S_k}^{-1} R_{k, S_k},
 
     where ``S_k`` are child ``k``'s unmasked parents (plus the bias when it is learned). Then
 
     .. math::
-        \\sigma^2_{c,k} = \\frac1N \\sum_n (m_{c,nk} - \\bar\\eta_{nk})^2 + v_{c,nk}
-        + \\sum_j W_{kj}^2 v_{p,nj},
+        \sigma^2_{c,k} = \frac1N \sum_n (m_{c,nk} - \bar\eta_{nk})^2 + v_{c,nk}
+        + \sum_j W_{kj}^2 v_{p,nj},
 
     floored at ``min_noise_var``; the top layer gets ``b_L = mean(m_L)`` and
     ``sigma^2_L = mean((m_L - b_L)^2 + v_L)``. Each block is an exact maximiser, so the ELBO

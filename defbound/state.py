@@ -14,12 +14,12 @@ from torch import Tensor
 
 
 class DEFParameters(NamedTuple):
-    """Generative parameters of an all-Gaussian DEF.
+    r"""Generative parameters of an all-Gaussian DEF.
 
     .. math::
-        z_L \\sim N(b_L, \\mathrm{diag}\\,\\sigma^2_L), \\qquad
-        z_l \\mid z_{l+1} \\sim N(W^{(l)} z_{l+1} + b_l, \\mathrm{diag}\\,\\sigma^2_l),
-        \\quad l = 0..L-1,
+        z_L \sim N(b_L, \mathrm{diag}\,\sigma^2_L), \qquad
+        z_l \mid z_{l+1} \sim N(W^{(l)} z_{l+1} + b_l, \mathrm{diag}\,\sigma^2_l),
+        \quad l = 0..L-1,
 
     with the observed data ``x = z_0``.
 
@@ -116,9 +116,9 @@ def check_parameters(params: DEFParameters) -> None:
 
 
 def prior_moments(params: DEFParameters, x: Tensor) -> Moments:
-    """Ancestral initialisation: means from the top down, variances equal to the noise.
+    r"""Ancestral initialisation: means from the top down, variances equal to the noise.
 
-    .. math:: m_L = b_L, \\quad m_l = W^{(l)} m_{l+1} + b_l, \\quad v_l = \\sigma^2_l.
+    .. math:: m_L = b_L, \quad m_l = W^{(l)} m_{l+1} + b_l, \quad v_l = \sigma^2_l.
 
     Args:
         params: DEF parameters.

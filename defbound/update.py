@@ -1,16 +1,16 @@
-"""Closed-form parallel update of a whole hidden layer under the forest-mixture bound.
+r"""Closed-form parallel update of a whole hidden layer under the forest-mixture bound.
 
 With the optimal auxiliary parameters plugged in, the FM bound separates over the variables of
 one layer, so every ``q(z_{l,j})`` is maximised at once. In batch form (rows are data points,
 ``c = l - 1`` the child layer, ``W = W^{(l-1)}``, ``a_l`` the prior mean from the layer above):
 
 .. math::
-    s = \\sqrt{v_l},\\quad S = s |W|^T,\\quad
-    D = \\frac{1}{\\sigma^2_l} + \\frac{(S / \\sigma^2_c) |W|}{s},\\quad
-    g = \\frac{a_l - m_l}{\\sigma^2_l} + \\frac{m_c - m_l W^T - b_c}{\\sigma^2_c} W,
+    s = \sqrt{v_l},\quad S = s |W|^T,\quad
+    D = \frac{1}{\sigma^2_l} + \frac{(S / \sigma^2_c) |W|}{s},\quad
+    g = \frac{a_l - m_l}{\sigma^2_l} + \frac{m_c - m_l W^T - b_c}{\sigma^2_c} W,
 
-    m_l \\leftarrow m_l + \\omega\\, g / D, \\qquad v_l \\leftarrow 1/D \\ \\text{(rule "fm")}
-    \\ \\text{or}\\ 1/\\Lambda_{jj} \\ \\text{(rule "exact")}.
+    m_l \leftarrow m_l + \omega\, g / D, \qquad v_l \leftarrow 1/D \ \text{(rule "fm")}
+    \ \text{or}\ 1/\Lambda_{jj} \ \text{(rule "exact")}.
 
 ``g`` is the ELBO gradient in ``m_l`` and ``D >= diag(Lambda_ll)`` is a separable curvature
 that majorises the layer's true precision, so the step is a damped Jacobi step that cannot lower
@@ -40,12 +40,12 @@ def prior_mean(params: DEFParameters, moments: Moments, layer: int) -> Tensor:
 
 
 def mean_gradient(params: DEFParameters, moments: Moments, layer: int) -> Tensor:
-    """Gradient of the ELBO in the means of hidden layer ``l`` (``1 <= l <= L``), per row.
+    r"""Gradient of the ELBO in the means of hidden layer ``l`` (``1 <= l <= L``), per row.
 
     .. math::
-        g = \\frac{a_l - m_l}{\\sigma^2_l}
-          + \\Big(\\frac{m_{l-1} - m_l W^T - b_{l-1}}{\\sigma^2_{l-1}}\\Big) W,
-        \\quad W = W^{(l-1)}.
+        g = \frac{a_l - m_l}{\sigma^2_l}
+          + \Big(\frac{m_{l-1} - m_l W^T - b_{l-1}}{\sigma^2_{l-1}}\Big) W,
+        \quad W = W^{(l-1)}.
 
     Returns:
         Tensor of shape ``(N, K_l)``.
@@ -58,9 +58,9 @@ def mean_gradient(params: DEFParameters, moments: Moments, layer: int) -> Tensor
 
 
 def exact_precision_diagonal(params: DEFParameters, layer: int) -> Tensor:
-    """Diagonal of the exact posterior precision of layer ``l``.
+    r"""Diagonal of the exact posterior precision of layer ``l``.
 
-    .. math:: \\Lambda_{jj} = 1/\\sigma^2_{l,j} + \\sum_k W_{kj}^2 / \\sigma^2_{l-1,k}.
+    .. math:: \Lambda_{jj} = 1/\sigma^2_{l,j} + \sum_k W_{kj}^2 / \sigma^2_{l-1,k}.
 
     It does not depend on the data or on any mean, so CAVI's optimal variances are ``1/Lambda_jj``.
 
@@ -72,12 +72,12 @@ def exact_precision_diagonal(params: DEFParameters, layer: int) -> Tensor:
 
 
 def fm_curvature(params: DEFParameters, moments: Moments, layer: int) -> Tensor:
-    """Separable FM curvature ``D`` of layer ``l`` at the current variances, per row.
+    r"""Separable FM curvature ``D`` of layer ``l`` at the current variances, per row.
 
     .. math::
-        D_j = \\frac{1}{\\sigma^2_{l,j}} + \\sum_k \\frac{W_{kj}^2}{\\pi^*_{kj}\\sigma^2_{l-1,k}}
-            = \\frac{1}{\\sigma^2_{l,j}}
-            + \\frac{1}{s_j}\\sum_k |W_{kj}| \\frac{\\sum_{j'} |W_{kj'}| s_{j'}}{\\sigma^2_{l-1,k}}.
+        D_j = \frac{1}{\sigma^2_{l,j}} + \sum_k \frac{W_{kj}^2}{\pi^*_{kj}\sigma^2_{l-1,k}}
+            = \frac{1}{\sigma^2_{l,j}}
+            + \frac{1}{s_j}\sum_k |W_{kj}| \frac{\sum_{j'} |W_{kj'}| s_{j'}}{\sigma^2_{l-1,k}}.
 
     Standard deviations are floored at ``sqrt(tiny)`` so a zero variance cannot divide by zero.
 
