@@ -90,6 +90,7 @@ def fit(
     max_sweeps: int = 1000,
     tol: float = 1e-7,
     patience: int = 3,
+    mean_tol: float | None = None,
     variance_rule: VarianceRule = "exact",
     omega: float = 1.0,
     schedule: Schedule = "layerwise",
@@ -111,7 +112,8 @@ def fit(
     parameters (Pyro params passed to :func:`defbound.def_layer`) by the closed-form M-step of
     :func:`defbound.mstep.closed_form_mstep`, or by ``svi_steps`` Adam steps on ``-FM*``
     (``mstep="svi"``), or leaves them alone (``"none"``: pure inference). It stops when
-    ``|ELBO_t - ELBO_{t-1}| <= tol |ELBO_t|`` for ``patience`` sweeps in a row, when the
+    ``|ELBO_t - ELBO_{t-1}| <= tol |ELBO_t|`` (and, with ``mean_tol``, no mean moved by more
+    than ``mean_tol`` in the sweep) for ``patience`` sweeps in a row, when the
     sweep limit is reached, or when the iterates become non-finite (the guide then keeps the
     last finite state).
 
@@ -124,6 +126,9 @@ def fit(
         max_sweeps: sweep limit (counting sweeps restored from a checkpoint).
         tol: relative ELBO tolerance.
         patience: sweeps in a row within ``tol`` needed to stop.
+        mean_tol: optional bound on the largest change of any mean for convergence; the ELBO
+            is flat to rounding near its optimum, so use this when the means themselves must be
+            accurate.
         variance_rule: ``"exact"`` (``1/Lambda_jj``, the ELBO optimum) or ``"fm"``
             (``1/D``, the FM bound's own maximiser); FM method only.
         omega: over-relaxation of the FM mean step, in ``(0, 2)``.
@@ -151,7 +156,7 @@ def fit(
     result = FitResult(n_rows=int(x.shape[0]))
     result.config = {
         "method": method, "mstep": mstep, "max_sweeps": max_sweeps, "tol": tol,
-        "patience": patience, "variance_rule": variance_rule, "omega": omega,
+        "patience": patience, "mean_tol": mean_tol, "variance_rule": variance_rule, "omega": omega,
         "schedule": schedule, "min_noise_var": min_noise_var,
     }
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
@@ -203,7 +208,8 @@ def fit(
                     _save(ckpt, snapshot, result)
             if callback is not None:
                 callback(result.sweeps, result)
-            if previous is not None and abs(value - previous) <= tol * abs(value):
+            small = previous is not None and abs(value - previous) <= tol * abs(value)
+            if small and (mean_tol is None or info.max_change <= mean_tol):
                 within += 1
                 if within >= patience:
                     result.converged = True

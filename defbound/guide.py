@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pyro
@@ -35,7 +36,9 @@ class MeanFieldGuide:
     def __init__(self, model: Callable, prefix: str = "q") -> None:
         self.model = model
         self.prefix = prefix
-        self._sites: dict[str, tuple[str, int]] | None = None  # site -> (plate name, width)
+        self._sites: dict[str, int] | None = None  # hidden site -> width
+        self._plate: str | None = None
+        self._rows = 0
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -56,10 +59,11 @@ class MeanFieldGuide:
         structure = extract_structure(trace)
         init = prior_moments(structure.params.detach(), structure.data)
         self._sites = {}
+        plates = set()
         for layer, name in enumerate(structure.latent_names, start=1):
             frames = [f for f in trace.nodes[name]["cond_indep_stack"] if f.dim == -1]
-            plate = frames[0].name if frames else None
-            self._sites[name] = (plate, int(init.means[layer].shape[-1]))
+            plates.add(frames[0].name if frames else None)
+            self._sites[name] = int(init.means[layer].shape[-1])
             mean, var = init.means[layer], init.variances[layer]
             pyro.param(self.loc_name(name), lambda m=mean: m.clone())
             pyro.param(
@@ -67,21 +71,26 @@ class MeanFieldGuide:
                 lambda v=var: v.sqrt().clone(),
                 constraint=constraints.positive,
             )
+        if len(plates) > 1:
+            raise ValueError(
+                f"the hidden layers sit in different data plates {sorted(map(str, plates))}; "
+                "put every layer inside one pyro.plate over the data rows"
+            )
+        self._plate = plates.pop()
+        self._rows = int(structure.data.shape[0])
 
     def __call__(self, *args, **kwargs) -> dict[str, Tensor]:
         """Sample every hidden layer from q; returns the samples by site name."""
         if self._sites is None:
             self._setup(*args, **kwargs)
         samples = {}
-        for name, (plate, _) in self._sites.items():
-            loc = pyro.param(self.loc_name(name))
-            scale = pyro.param(self.scale_name(name), constraint=constraints.positive)
-            fn = dist.Normal(loc, scale).to_event(1)
-            if plate is None:
-                samples[name] = pyro.sample(name, fn)
-            else:
-                with pyro.plate(plate, loc.shape[0], dim=-1):
-                    samples[name] = pyro.sample(name, fn)
+        with contextlib.ExitStack() as stack:
+            if self._plate is not None:
+                stack.enter_context(pyro.plate(self._plate, self._rows, dim=-1))
+            for name in reversed(self._sites):  # top-down, the model's order
+                loc = pyro.param(self.loc_name(name))
+                scale = pyro.param(self.scale_name(name), constraint=constraints.positive)
+                samples[name] = pyro.sample(name, dist.Normal(loc, scale).to_event(1))
         return samples
 
     def ensure_setup(self, *args, **kwargs) -> None:

@@ -57,7 +57,9 @@ def test_explicit_bound_at_optimal_auxiliary_equals_collapsed_form():
     torch.testing.assert_close(explicit, fm_bound(params, q), rtol=0, atol=1e-10)
     for l, pi in enumerate(pis):
         has_parent = (params.weights[l] != 0).any(-1)
-        torch.testing.assert_close(pi.sum(-1)[:, has_parent], torch.ones_like(pi.sum(-1)[:, has_parent]))
+        torch.testing.assert_close(
+            pi.sum(-1)[:, has_parent], torch.ones_like(pi.sum(-1)[:, has_parent])
+        )
         torch.testing.assert_close(betas[l].sum(-1), params.biases[l].expand(5, -1))
 
 
@@ -76,8 +78,9 @@ def test_elbo_at_mean_field_optimum_equals_closed_form_elbo_star():
     params = random_params(WIDTHS, seed=5)
     x = random_data(params, 4)
     q_star = exact.optimal_mean_field(params, x)
-    torch.testing.assert_close(elbo(params, q_star), exact.optimal_elbo(params, x), rtol=0,
-                               atol=1e-10)
+    torch.testing.assert_close(
+        elbo(params, q_star), exact.optimal_elbo(params, x), rtol=0, atol=1e-10
+    )
 
 
 def test_fm_bound_is_invariant_to_permuting_parents():
@@ -100,7 +103,9 @@ def test_fm_bound_is_invariant_to_permuting_parents():
 
 
 def test_forest_likeness_measure():
-    W = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [2.0, -2.0, 0.0]],
-                     dtype=torch.float64)
-    torch.testing.assert_close(forest_likeness(W), torch.tensor([1.0, 3.0, 0.0, 2.0],
-                                                                dtype=torch.float64))
+    W = torch.tensor(
+        [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [2.0, -2.0, 0.0]], dtype=torch.float64
+    )
+    torch.testing.assert_close(
+        forest_likeness(W), torch.tensor([1.0, 3.0, 0.0, 2.0], dtype=torch.float64)
+    )

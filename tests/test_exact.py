@@ -65,10 +65,15 @@ def test_marginal_mean_and_covariance_recursion():
     params = random_params([3, 2, 2], seed=4)
     g = torch.Generator().manual_seed(0)
     n = 200_000
-    z2 = params.biases[2] + params.noise_vars[2].sqrt() * torch.randn(n, 2, generator=g,
-                                                                       dtype=torch.float64)
-    z1 = z2 @ params.weights[1].T + params.biases[1] + params.noise_vars[1].sqrt() * torch.randn(
-        n, 2, generator=g, dtype=torch.float64)
+    z2 = params.biases[2] + params.noise_vars[2].sqrt() * torch.randn(
+        n, 2, generator=g, dtype=torch.float64
+    )
+    z1 = (
+        z2 @ params.weights[1].T
+        + params.biases[1]
+        + params.noise_vars[1].sqrt() * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    )
     torch.testing.assert_close(z1.mean(0), exact.marginal_mean(params, 1), atol=0.02, rtol=0)
-    torch.testing.assert_close(torch.cov(z1.T), exact.marginal_covariance(params, 1), atol=0.05,
-                               rtol=0.02)
+    torch.testing.assert_close(
+        torch.cov(z1.T), exact.marginal_covariance(params, 1), atol=0.05, rtol=0.02
+    )

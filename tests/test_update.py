@@ -18,7 +18,9 @@ from tests.conftest import random_data, random_moments, random_params, star_para
 
 def _layer_precision(params, layer):
     W = params.weights[layer - 1]
-    return torch.diag(1 / params.noise_vars[layer]) + W.T @ (W / params.noise_vars[layer - 1][:, None])
+    return torch.diag(1 / params.noise_vars[layer]) + W.T @ (
+        W / params.noise_vars[layer - 1][:, None]
+    )
 
 
 @pytest.mark.parametrize(("rule", "omega"), [("fm", 1.0), ("exact", 1.0), ("exact", 1.7)])
@@ -64,8 +66,9 @@ def test_means_converge_to_exact_posterior_mean(rule, schedule):
     for mine, ref in zip(q.means[1:], exact.posterior_mean(params, x), strict=True):
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-9)
     if rule == "exact":
-        torch.testing.assert_close(elbo(params, q), exact.optimal_elbo(params, x), rtol=0,
-                                   atol=1e-9)
+        torch.testing.assert_close(
+            elbo(params, q), exact.optimal_elbo(params, x), rtol=0, atol=1e-9
+        )
 
 
 def test_fast_form_equals_explicit_update_with_optimal_auxiliary():
@@ -198,8 +201,9 @@ def test_batch_invariance():
     q = random_moments(params, x)
     batch, _ = fm_sweep(params, q, "fm", 1.3)
     for row in range(5):
-        single = Moments(tuple(m[row:row + 1] for m in q.means),
-                         tuple(v[row:row + 1] for v in q.variances))
+        single = Moments(
+            tuple(m[row : row + 1] for m in q.means), tuple(v[row : row + 1] for v in q.variances)
+        )
         single, _ = fm_sweep(params, single, "fm", 1.3)
         for a, b in zip(single.means, batch.means, strict=True):
             torch.testing.assert_close(a[0], b[row], rtol=0, atol=1e-13)
