@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omega", type=float, default=1.0, help="over-relaxation in (0, 2)")
     p.add_argument("--schedule", choices=("layerwise", "odd-even"), default="layerwise")
     p.add_argument("--tol", type=float, default=1e-7, help="relative ELBO tolerance")
-    p.add_argument("--max-sweeps", type=int, default=2000)
+    p.add_argument("--max-sweeps", type=int, default=1000)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--min-variation", type=float, default=0.01,
                    help="drop columns whose most frequent value covers more than 1 - this "
