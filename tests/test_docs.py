@@ -18,15 +18,22 @@ def _readme_blocks():
 
 
 def _run(code_or_path, tmp_path, extra_env=None, timeout=600):
-    env = {**os.environ, "DEFBOUND_TUTORIAL_SMALL": "1", "DEFBOUND_TUTORIAL_OUT": str(tmp_path),
-           "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "DEFBOUND_TUTORIAL_SMALL": "1",
+        "DEFBOUND_TUTORIAL_OUT": str(tmp_path),
+        "MPLBACKEND": "Agg",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     env.update(extra_env or {})
     if isinstance(code_or_path, Path):
         cmd = [sys.executable, str(code_or_path)]
     else:
         cmd = [sys.executable, "-c", code_or_path]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
