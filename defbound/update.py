@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from defbound.bound import elbo, fm_bound
+from defbound.bound import elbo, fm_gap
 from defbound.state import DEFParameters, Moments
 
 VarianceRule = Literal["exact", "fm"]
@@ -191,9 +191,10 @@ def fm_sweep(
         delta = (new.means[layer] - moments.means[layer]).abs().max().item()
         change = max(change, delta)
         moments = new
+    value = elbo(params, moments).sum()
     info = SweepInfo(
-        elbo=elbo(params, moments).sum().item(),
-        bound=fm_bound(params, moments).sum().item(),
+        elbo=value.item(),
+        bound=(value - fm_gap(params, moments).sum()).item(),
         max_change=change,
     )
     return moments, info
