@@ -1,4 +1,7 @@
-"""Command line: ``defbound fit`` fits a Gaussian DEF to real data with the FM bound."""
+"""Command line: ``defbound fit`` fits a Gaussian DEF to real data with the FM bound.
+
+``defbound bench`` compares FM sweeps with every baseline on synthetic Gaussian DEFs.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +51,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the folder's checkpoint")
     p.add_argument("--no-baseline", action="store_true", help="skip sklearn FactorAnalysis")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--estep-svi-steps", type=int, default=20,
+                   help="--method svi: Adam steps of Pyro SVI per E-step (default 20)")
+    p.add_argument("--estep-svi-lr", type=float, default=0.05,
+                   help="--method svi: learning rate of those steps (default 0.05)")
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    from defbound.bench import BENCH_METHODS
+
+    b = sub.add_parser("bench", help="benchmark FM sweeps against the baselines on synthetic DEFs")
+    b.add_argument("--methods", nargs="+", choices=BENCH_METHODS, default=list(BENCH_METHODS))
+    b.add_argument("--widths", type=int, nargs="+", default=[64, 500, 200, 50],
+                   help="layer widths, observed first (default: 64 500 200 50)")
+    b.add_argument("--n", type=int, nargs="+", default=[1000], help="data rows (one model each)")
+    b.add_argument("--epsilon", type=float, nargs="+", default=[0.1],
+                   help="weight of the non-forest part (one model each)")
+    b.add_argument("--parents-per-child", type=int, default=0,
+                   help="parents per child of the non-forest part (0: all, dense)")
+    b.add_argument("--obs-noise", type=float, default=0.5, help="observed noise variance")
+    b.add_argument("--tol", type=float, default=1e-3, help="relative ELBO tolerance")
+    b.add_argument("--max-sweeps", type=int, default=5000)
+    b.add_argument("--max-time", type=float, default=120.0, help="seconds per method run")
+    b.add_argument("--repeats", type=int, default=1, help="timed repetitions (median)")
+    b.add_argument("--omega", type=float, default=1.9, help="over-relaxation of the -or methods")
+    b.add_argument("--svi-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    b.add_argument("--svi-loss", choices=("meanfield", "trace"), default="meanfield")
+    b.add_argument("--svi-steps", type=int, default=20000)
+    b.add_argument("--svi-eval-every", type=int, default=25)
+    b.add_argument("--exact-max-size", type=int, default=6000,
+                   help="largest hidden size per row for the dense exact solve")
+    b.add_argument("--run-to-convergence", action="store_true",
+                   help="do not stop runs at the target; run to their own convergence")
+    b.add_argument("--scaling", choices=("n", "width", "parents"), default=None,
+                   help="instead: time per FM sweep against N, widths or parents per child")
+    b.add_argument("--scaling-sizes", type=int, nargs="+", default=None)
+    b.add_argument("--scaling-sweeps", type=int, default=5,
+                   help="scaling: timed sweeps per size (median reported)")
+    b.add_argument("--row-chunk", type=int, default=None,
+                   help="scaling: time FM sweeps over blocks of this many rows")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    b.add_argument("--quick", action="store_true",
+                   help="tiny models and short runs (under a minute), for CI")
+    b.add_argument("--out", default="runs/bench", help="output folder")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "bench":
+            return _bench(args)
         return _fit(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"defbound: error: {err}", file=sys.stderr)
@@ -98,6 +150,7 @@ def _fit(args: argparse.Namespace) -> int:
             model, x, guide, method=args.method, variance_rule=args.variance_rule,
             omega=args.omega, schedule=args.schedule, tol=args.tol, max_sweeps=args.max_sweeps,
             progress=not args.quiet, checkpoint_dir=out, resume=args.resume,
+            estep_svi_steps=args.estep_svi_steps, estep_svi_lr=args.estep_svi_lr,
         )
     except KeyboardInterrupt:
         print(f"interrupted: the last complete sweep is in {out / CHECKPOINT_FILE} and "
@@ -193,6 +246,81 @@ def _print_summary(metrics: dict, out: Path) -> None:
     for name, base in metrics["baselines"].items():
         print(f"held-out log-likelihood per row: {base['heldout_loglik_per_row']:.4f} ({name})")
     print(f"wrote {out / 'metrics.json'}, {out / 'params.pt'}, {out / 'bound.png'}")
+
+
+def _quick(args: argparse.Namespace) -> None:
+    """Overwrite the sizes and limits with the small ``--quick`` settings."""
+    args.widths = [16, 8, 4]
+    args.n = [32]
+    args.epsilon = [0.0, 0.5]
+    args.svi_lrs = [0.05]
+    args.svi_steps = 300
+    args.max_sweeps = 500
+    args.max_time = 5.0
+    if args.scaling is not None:
+        args.scaling_sizes = [8, 16, 32, 64]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from defbound import bench
+
+    if args.quick:
+        _quick(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} requested but CUDA is not available")
+    out = Path(args.out)
+    dtype = getattr(torch, args.dtype)
+    if args.scaling is not None:
+        sizes = args.scaling_sizes or {"n": [1000, 2000, 4000, 8000],
+                                       "width": [50, 100, 200, 400],
+                                       "parents": [8, 32, 128, 500]}[args.scaling]
+        base_n = args.n[0]
+        rows, slope = bench.scaling_study(
+            args.scaling, sizes, widths=args.widths, n_rows=base_n, epsilon=args.epsilon[0],
+            seed=args.seed, device=args.device, dtype=dtype, row_chunk=args.row_chunk,
+            sweeps=args.scaling_sweeps,
+        )
+        print(bench.format_table(rows, ("axis", "size", "widths", "n_rows", "nnz", "row_chunk",
+                                        "sweep_time_s")))
+        against = "N" if args.scaling == "n" else "nnz"
+        print(f"fitted slope of log(time per sweep) against log({against}): {slope:.3f}")
+        stem = f"scaling_{args.scaling}" + (f"_chunk{args.row_chunk}" if args.row_chunk else "")
+        bench.write_csv(out / f"{stem}.csv", rows)
+        bench.plot_scaling(out / f"{stem}.png", rows, slope)
+        print(f"wrote {out / f'{stem}.csv'}, {out / f'{stem}.png'}")
+        return 0
+    limits = bench.RunLimits(
+        max_sweeps=args.max_sweeps, max_time=args.max_time, svi_steps=args.svi_steps,
+        svi_eval_every=args.svi_eval_every,
+    )
+    options = bench.BenchOptions(
+        methods=tuple(args.methods), tol=args.tol, repeats=args.repeats, omega=args.omega,
+        svi_lrs=tuple(args.svi_lrs), svi_loss=args.svi_loss,
+        exact_max_size=args.exact_max_size, obs_noise_var=args.obs_noise, limits=limits,
+        device=args.device, dtype=dtype, stop_at_target=not args.run_to_convergence,
+        progress=not args.quiet,
+    )
+    ppc = args.parents_per_child or None
+    configs = [
+        bench.BenchConfig(tuple(args.widths), n, eps, ppc, args.seed)
+        for n in args.n for eps in args.epsilon
+    ]
+    result = bench.run_bench(configs, options)
+    print(bench.format_table(result.rows, bench.TABLE_COLUMNS))
+    study = bench.study_table(result.rows)
+    if len(study) > 1:
+        columns = [c for c in ("epsilon", "n_eff", "fm_gap_per_row", "fm", "fm-or", "fm-a",
+                               "fm-a-or", "cavi", "block", "jacobi")
+                   if any(c in row for row in study)]
+        print()
+        print(bench.format_table(study, columns))
+    bench.write_csv(out / "bench.csv", result.rows)
+    bench.write_csv(out / "study.csv", study)
+    bench.plot_elbo_vs_time(out / "elbo_vs_time.png", result)
+    bench.plot_sweeps_vs_epsilon(out / "sweeps_vs_epsilon.png", result.rows)
+    print(f"wrote {out / 'bench.csv'}, {out / 'study.csv'}, {out / 'elbo_vs_time.png'}, "
+          f"{out / 'sweeps_vs_epsilon.png'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,19 +19,21 @@ from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
 from defbound.atomic_io import save_torch, write_json
+from defbound.blocks import block_plan, block_sweep
 from defbound.bound import elbo, fm_bound
-from defbound.cavi import cavi_sweep, jacobi_sweep
+from defbound.cavi import cavi_sweep, jacobi_sweep, sweep_info
 from defbound.guide import MeanFieldGuide
 from defbound.mstep import Learnable, closed_form_mstep
 from defbound.state import DEFParameters, Moments
 from defbound.structure import DEFStructure, extract_structure
+from defbound.svi_baseline import guide_moments, guide_svi
 from defbound.update import Schedule, SweepInfo, VarianceRule, fm_sweep
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["fm", "cavi", "jacobi"]
+Method = Literal["fm", "cavi", "jacobi", "block", "svi"]
 MStep = Literal["closed-form", "svi", "none"]
-METHODS: tuple[str, ...] = ("fm", "cavi", "jacobi")
+METHODS: tuple[str, ...] = ("fm", "cavi", "jacobi", "block", "svi")
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "fit_history.json"
 
@@ -102,13 +104,19 @@ def fit(
     checkpoint_every: int = 10,
     resume: bool = False,
     callback: Callable[[int, FitResult], None] | None = None,
+    partition: Sequence[Sequence[Sequence[int]]] | None = None,
+    estep_svi_steps: int = 20,
+    estep_svi_lr: float = 0.05,
+    estep_svi_loss: str = "meanfield",
 ) -> FitResult:
     """Fit a Gaussian DEF by variational EM with closed-form parallel E-step sweeps.
 
     Every sweep (1) updates the guide's means and variances layer by layer with ``method``
     (``"fm"``: the forest-mixture closed form of :func:`defbound.update.layer_update`, every
     variable of a layer at once; ``"cavi"``: sequential single-variable CAVI; ``"jacobi"``:
-    layer-parallel CAVI, which may diverge), then (2) re-estimates the model's learnable
+    layer-parallel CAVI, which may diverge; ``"block"``: block coordinate ascent over the
+    co-parent colouring or ``partition``; ``"svi"``: ``estep_svi_steps`` Adam steps of Pyro's
+    SVI on the guide's params), then (2) re-estimates the model's learnable
     parameters (Pyro params passed to :func:`defbound.def_layer`) by the closed-form M-step of
     :func:`defbound.mstep.closed_form_mstep`, or by ``svi_steps`` Adam steps on ``-FM*``
     (``mstep="svi"``), or leaves them alone (``"none"``: pure inference). It stops when
@@ -142,6 +150,12 @@ def fit(
         checkpoint_every: sweeps between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one.
         callback: called as ``callback(sweep, result)`` after every sweep.
+        partition: user blocks for ``method="block"`` (see
+            :func:`defbound.blocks.check_partition`); default: co-parent colouring.
+        estep_svi_steps: SVI steps per E-step for ``method="svi"``.
+        estep_svi_lr: Adam learning rate of those steps.
+        estep_svi_loss: ``"meanfield"`` (``TraceMeanField_ELBO``) or ``"trace"``
+            (``Trace_ELBO``) for ``method="svi"``.
 
     Returns:
         The :class:`FitResult`.
@@ -165,7 +179,24 @@ def fit(
         elapsed = _restore(ckpt, result)
         logger.info("resumed from %s after %d sweeps", ckpt, result.sweeps)
 
+    estep_svi = None
+    if method == "svi":
+        if estep_svi_steps < 1:
+            raise ValueError(f"estep_svi_steps must be at least 1, got {estep_svi_steps}")
+        estep_svi = guide_svi(model, guide, x, estep_svi_lr, estep_svi_loss)
+
     def step(params: DEFParameters, moments: Moments) -> tuple[Moments, SweepInfo]:
+        if method == "block":
+            return block_sweep(params, moments, block_plan(params, partition))
+        if method == "svi":
+            for _ in range(estep_svi_steps):
+                estep_svi.step(x)
+            new = guide_moments(guide, x)
+            change = max(
+                (a - b).abs().max().item()
+                for a, b in zip(new.means[1:], moments.means[1:], strict=True)
+            )
+            return new, sweep_info(params, new, change)
         if method == "fm":
             return fm_sweep(params, moments, variance_rule, omega, schedule)
         if method == "cavi":
