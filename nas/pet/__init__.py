@@ -4,8 +4,20 @@ Pipeline: wrap a frozen encoder in a :class:`PetSupernet` (bias deltas and LoRA 
 masks), train it, score every unit (:mod:`nas.pet.scores`), prune to a parameter budget
 (:mod:`nas.pet.selection`), then export the result to ``peft`` or our own format
 (:mod:`nas.pet.export`). Offline data and the MiniLM encoder live in :mod:`nas.pet.data`.
+The end-to-end pipeline with checkpoints is :func:`run_search` (:mod:`nas.pet.search`), the
+baselines at equal budget are in :mod:`nas.pet.baselines`, the benchmark in
+:mod:`nas.pet.benchmark` and the ``pet`` command line in :mod:`nas.pet.cli`.
 """
 
+from nas.pet.allocation import budget_allocation, plot_allocation, summarise_allocation
+from nas.pet.baselines import (
+    bitfit_budget,
+    lora_budget,
+    run_adalora,
+    run_bitfit,
+    run_full,
+    run_lora,
+)
 from nas.pet.export import (
     PeftExport,
     export_peft,
@@ -26,10 +38,19 @@ from nas.pet.scores import (
     second_order_scores,
     unit_scores,
 )
+from nas.pet.search import (
+    SearchConfig,
+    compact,
+    prune_supernet,
+    reinitialise,
+    run_search,
+    train_supernet,
+)
 from nas.pet.selection import (
     PruneInfo,
     Selection,
     architecture_cost,
+    exact_select,
     geometric_budgets,
     greedy_select,
     is_structured,
@@ -45,9 +66,31 @@ from nas.pet.supernet import (
     SupernetConfig,
     Unit,
 )
+from nas.pet.training import PetResult, TrainConfig, encode, evaluate, fit
 
 __all__ = [
     "BERT_LORA_TARGETS",
+    "PetResult",
+    "SearchConfig",
+    "TrainConfig",
+    "bitfit_budget",
+    "budget_allocation",
+    "compact",
+    "encode",
+    "evaluate",
+    "exact_select",
+    "fit",
+    "lora_budget",
+    "plot_allocation",
+    "prune_supernet",
+    "reinitialise",
+    "run_adalora",
+    "run_bitfit",
+    "run_full",
+    "run_lora",
+    "run_search",
+    "summarise_allocation",
+    "train_supernet",
     "BiasDeltaLayerNorm",
     "LoraBiasLinear",
     "PeftExport",

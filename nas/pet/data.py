@@ -267,3 +267,98 @@ def load_minilm(
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def word_tokenizer(texts, max_vocab: int = 2000, model_max_length: int = 512):
+    """A small lower-cased word-level tokenizer built from ``texts`` (for tests and tutorials).
+
+    Words and punctuation marks are split apart; the ``max_vocab - 5`` most frequent tokens form
+    the vocabulary (ties: first occurrence), the rest map to ``[UNK]``. Encodings are
+    ``[CLS] tokens [SEP]``, padded with ``[PAD]`` (id 0), as a BERT tokenizer's.
+
+    Args:
+        texts: iterable of strings the vocabulary is counted from.
+        max_vocab: vocabulary size including the five special tokens (``>= 6``).
+        model_max_length: longest sequence the tokenizer accepts.
+
+    Returns:
+        a ``transformers.PreTrainedTokenizerFast``.
+
+    Raises:
+        ValueError: if ``max_vocab < 6`` or ``texts`` holds no token.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    if max_vocab < 6:
+        raise ValueError(f"max_vocab must be >= 6, got {max_vocab}")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    norm = normalizers.Lowercase()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(str(text))))
+    if not counts:
+        raise ValueError("texts hold no token to build a vocabulary from")
+    words = [w for w, _ in counts.most_common(max_vocab - len(specials))]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = norm
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_bert(
+    vocab_size: int,
+    num_labels: int = 2,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_length: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A small randomly initialised ``BertForSequenceClassification`` built locally (no hub).
+
+    Args:
+        vocab_size: vocabulary size of the tokenizer.
+        num_labels: number of classes.
+        hidden_size: width ``H`` (FFN width ``2H``).
+        layers: encoder layers.
+        heads: attention heads (must divide ``hidden_size``).
+        max_length: position embeddings.
+        seed: seed of the initialisation.
+        dtype: parameter dtype.
+
+    Returns:
+        the model in eval mode.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=max_length,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).to(dtype).eval()

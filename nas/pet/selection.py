@@ -84,6 +84,78 @@ def greedy_select(scores: Mapping[Unit, float], budget: int) -> Selection:
     return Selection(tuple(kept), cost, budget, total)
 
 
+def exact_select(
+    scores: Mapping[Unit, float], budget: int, max_cells: int = 50_000_000
+) -> Selection:
+    r"""Exact 0/1 knapsack: the highest total score at the largest reachable cost ``<= budget``.
+
+    With ``g = gcd(budget, cost_u for all u)``, costs and budget are divided by ``g`` and
+
+    .. math::
+
+        V_i(c) = \max\big(V_{i-1}(c),\; V_{i-1}(c - w_i) + s_i\big),\qquad V_0(c) =
+        \begin{cases} 0 & c = 0 \\ -\infty & c > 0 \end{cases}
+
+    is filled for ``c = 0..budget/g``. The selection uses the largest ``c*`` with
+    ``V_n(c*) > -inf`` (``c* = budget/g`` whenever some subset costs exactly the budget) and is
+    read back from the choice table. Unlike :func:`greedy_select` it meets the budget exactly
+    whenever that is possible; ties keep the earlier choice, so it is deterministic. Falls back
+    to :func:`greedy_select` (with a warning) when ``n * budget / g`` exceeds ``max_cells``.
+
+    Args:
+        scores: unit -> score (higher = more worth keeping).
+        budget: maximal total cost.
+        max_cells: size limit of the choice table.
+
+    Returns:
+        the selection.
+
+    Raises:
+        ValueError: as :func:`greedy_select`.
+    """
+    import numpy as np
+
+    budget = _check_budget(budget)
+    units = list(scores)
+    for u in units:
+        if u.cost <= 0:
+            raise ValueError(f"unit {u} has non-positive cost")
+        if not math.isfinite(scores[u]):
+            raise ValueError(f"unit {u} has a non-finite score {scores[u]!r}")
+    if budget == 0 or not units:
+        return Selection((), 0, budget, 0.0)
+    g = math.gcd(budget, *(u.cost for u in units))
+    cap = budget // g
+    if len(units) * (cap + 1) > max_cells:
+        warnings.warn(
+            f"exact selection needs a {len(units)} x {cap + 1} table; using greedy_select",
+            stacklevel=2,
+        )
+        return greedy_select(scores, budget)
+    value = np.full(cap + 1, -np.inf)
+    value[0] = 0.0
+    take = np.zeros((len(units), cap + 1), dtype=bool)
+    for i, u in enumerate(units):
+        w = u.cost // g
+        if w > cap:
+            continue
+        cand = np.full(cap + 1, -np.inf)
+        cand[w:] = value[: cap + 1 - w] + scores[u]
+        better = cand > value
+        take[i] = better
+        value = np.where(better, cand, value)
+    c = int(np.flatnonzero(np.isfinite(value)).max())
+    kept = []
+    for i in range(len(units) - 1, -1, -1):
+        if take[i, c]:
+            kept.append(units[i])
+            c -= units[i].cost // g
+    kept.reverse()
+    cost = sum(u.cost for u in kept)
+    logger.debug("exact selection: %d/%d units, cost %d of %d", len(kept), len(units), cost, budget)
+    return Selection(tuple(kept), cost, budget, float(sum(scores[u] for u in kept)))
+
+
 def architecture_cost(supernet: PetSupernet) -> int:
     """Parameter count of the supernet's current architecture, from ranks and bias vectors.
 
@@ -231,6 +303,7 @@ def prune_structured(
     budget: int,
     rounds: int = 1,
     retrain_fn: Callable[[PetSupernet, int], None] | None = None,
+    select: Callable[[Mapping[Unit, float], int], Selection] = greedy_select,
 ) -> list[PruneInfo]:
     """One-shot (``rounds=1``) or iterative structured pruning to ``budget``.
 
@@ -244,6 +317,8 @@ def prune_structured(
         budget: final parameter budget.
         rounds: number of pruning rounds.
         retrain_fn: ``retrain_fn(supernet, round)``, called after every round but the last.
+        select: ``select(scores, budget) -> Selection``: :func:`greedy_select` (default) or
+            :func:`exact_select`.
 
     Returns:
         one ``PruneInfo`` per round.
@@ -253,7 +328,7 @@ def prune_structured(
     for t, b in enumerate(geometric_budgets(start, min(budget, start), rounds)):
         scores = score_fn(supernet)
         alive = supernet.alive_units()
-        sel = greedy_select({u: scores[u] for u in alive}, b)
+        sel = select({u: scores[u] for u in alive}, b)
         supernet.keep_units(sel.kept)
         infos.append(PruneInfo(t, b, supernet.count_parameters(), len(sel.kept)))
         logger.info(
