@@ -144,62 +144,36 @@ def test_user_written_pyro_model_with_masks_and_fixed_weights():
     torch.testing.assert_close(pyro.param("q.loc.top"), ref[1], rtol=0, atol=1e-9)
 
 
-def test_bound_refuses_models_it_does_not_apply_to():
-    def gamma_model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Gamma(torch.ones(2), 1.0).to_event(1))
-            def_layer(
-                "x",
-                parent=z,
-                parent_name="z",
-                weights=torch.ones(3, 2),
-                bias=torch.zeros(3),
-                noise_scale=1.0,
-                obs=x,
-            )
+def _two_layer_model(parent_name="z", top_gamma=False):
+    """A one-hidden-layer model; the hidden layer is Gamma or names ``parent_name``."""
 
-    def guide(x):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            if top_gamma:
+                z = pyro.sample("z", dist.Gamma(torch.ones(2), 1.0).to_event(1))
+            else:
+                z = def_layer("z", bias=torch.zeros(2), noise_scale=1.0)
+            def_layer("x", parent=z, parent_name=parent_name, weights=torch.ones(3, 2),
+                      bias=torch.zeros(3), noise_scale=1.0, obs=x)
+
+    return model
+
+
+def test_bound_refuses_models_it_does_not_apply_to():
+    def empty_guide(x):
         pass
 
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="'z'.*not a Gaussian DEF layer"):
-        FMBound().loss(gamma_model, guide, x)
-
-    def orphan_model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = def_layer("z", bias=torch.zeros(2), noise_scale=1.0)
-            def_layer(
-                "x",
-                parent=z,
-                parent_name="zz",
-                weights=torch.ones(3, 2),
-                bias=torch.zeros(3),
-                noise_scale=1.0,
-                obs=x,
-            )
-
+        FMBound().loss(_two_layer_model(top_gamma=True), empty_guide, x)
     with pytest.raises(ValueError, match="names parent 'zz'"):
-        FMBound().loss(orphan_model, guide, x)
-
-    def good_model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = def_layer("z", bias=torch.zeros(2), noise_scale=1.0)
-            def_layer(
-                "x",
-                parent=z,
-                parent_name="z",
-                weights=torch.ones(3, 2),
-                bias=torch.zeros(3),
-                noise_scale=1.0,
-                obs=x,
-            )
-
+        FMBound().loss(_two_layer_model(parent_name="zz"), empty_guide, x)
     with pytest.raises(ValueError, match="latent site 'z' has no guide site"):
-        FMBound().loss(good_model, guide, x)
+        FMBound().loss(_two_layer_model(), empty_guide, x)
 
     def gamma_guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Gamma(torch.ones(2, 2), 1.0).to_event(1))
 
     with pytest.raises(ValueError, match="mean-field Normal guide"):
-        FMBound().loss(good_model, gamma_guide, x)
+        FMBound().loss(_two_layer_model(), gamma_guide, x)
