@@ -288,8 +288,17 @@ def loss_hessian_vector_product(outputs: Tensor, vectors: Tensor, loss: Loss) ->
     return p * vectors - p * (p * vectors).sum(dim=1, keepdim=True)
 
 
-def _output_gradients(outputs: Tensor, targets: Tensor, loss: Loss) -> Tensor:
-    r"""Residuals :math:`r_i = \partial \ell_i / \partial f_i`, shape ``(n, o)``, by autograd."""
+def output_gradients(outputs: Tensor, targets: Tensor, loss: Loss) -> Tensor:
+    r"""Residuals :math:`r_i = \partial \ell_i / \partial f_i`, shape ``(n, o)``, by autograd.
+
+    Args:
+        outputs: Model outputs, shape ``(n, o)`` (detached internally).
+        targets: Targets as for `per_example_loss`.
+        loss: ``"mse"`` or ``"cross_entropy"``.
+
+    Returns:
+        Shape ``(n, o)``.
+    """
     outputs = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         total = per_example_loss(outputs, targets, loss).sum()
@@ -521,13 +530,13 @@ def true_fisher_vector_product(
         n, o = outputs.shape
         classes = torch.arange(o, device=outputs.device)
         residuals = torch.stack(
-            [_output_gradients(outputs, classes[c].expand(n), loss) for c in range(o)]
+            [output_gradients(outputs, classes[c].expand(n), loss) for c in range(o)]
         )
         weights = outputs.softmax(dim=1).T
         projected = torch.einsum("cn,cno,cn->no", weights, residuals, (residuals * jv).sum(2))
     else:
         sampled = _sample_targets(outputs, loss, num_samples, generator)
-        residuals = torch.stack([_output_gradients(outputs, y, loss) for y in sampled])
+        residuals = torch.stack([output_gradients(outputs, y, loss) for y in sampled])
         projected = torch.einsum("sno,sn->no", residuals, (residuals * jv).sum(2)) / num_samples
 
     _, pullback = vjp(forward, *primals)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from defbound.curvature import Loss, loss_hessian_sqrt, per_example_loss
+from defbound.curvature import Loss, loss_hessian_sqrt, output_gradients, per_example_loss
 from nas.growing.sites import Site
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _one_batch(
                 cotangents = [row.expand_as(outputs) for row in eye]
             else:
                 cotangents = _sampled_residuals(outputs.detach(), loss, samples, generator)
-            cotangents.append(_residuals(outputs.detach(), targets, loss).to(outputs))
+            cotangents.append(output_gradients(outputs.detach(), targets, loss).to(outputs))
             rows = [
                 torch.autograd.grad(outputs, tracked, cotangent, retain_graph=True)
                 for cotangent in cotangents
@@ -218,13 +218,4 @@ def _sampled_residuals(
     probs = outputs.softmax(dim=1).cpu()
     draws = torch.multinomial(probs, samples, replacement=True, generator=generator).T
     draws = draws.to(outputs.device)
-    return [_residuals(outputs, draw, loss) for draw in draws]
-
-
-def _residuals(outputs: Tensor, targets: Tensor, loss: Loss) -> Tensor:
-    r"""Per-example :math:`r_i = \partial \ell_i / \partial f_i`, ``(n, o)``."""
-    leaf = outputs.detach().requires_grad_(True)
-    with torch.enable_grad():
-        total = per_example_loss(leaf, targets, loss).sum()
-        (residuals,) = torch.autograd.grad(total, leaf)
-    return residuals
+    return [output_gradients(outputs, draw, loss) for draw in draws]
