@@ -124,6 +124,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-sweeps must be at least 1, got {args.max_sweeps}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} requested but CUDA is not available")
+    try:
+        torch.device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda)") from err
+    out = Path(args.out)
+    if not args.out.strip():
+        raise ValueError("--out must name a folder, got an empty string")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} exists and is not a folder")
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise ValueError(f"--out {args.out!r} lies below a file, not a folder")
 
 
 def _fit(args: argparse.Namespace) -> int:

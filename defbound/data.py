@@ -62,6 +62,8 @@ def load_matrix(path: str | os.PathLike, expected_columns: int | None = None) ->
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"data path {str(path)!r} is not a file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
@@ -103,8 +105,8 @@ def check_matrix(data, source: str, expected_columns: int | None = None) -> np.n
         ValueError: naming ``source`` and the problem.
     """
     array = np.asarray(data)
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{source}: expected numbers, got dtype {array.dtype}")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{source}: expected real numbers, got dtype {array.dtype}")
     array = array.astype(np.float64)
     if array.ndim != 2:
         raise ValueError(
@@ -165,7 +167,8 @@ def standardize_split(
     if n - n_test < 2:
         raise ValueError(f"{name}: {n} rows leave fewer than 2 training rows")
     train, test = data[order[n_test:]], data[order[:n_test]]
-    std = train.std(0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        std = train.std(0)
     varying = std > 1e-12 * (1 + np.abs(train).max(0))
     kept = np.flatnonzero(varying & (_mode_share(train) <= 1 - min_variation))
     if kept.size == 0:
@@ -173,6 +176,11 @@ def standardize_split(
     if kept.size < data.shape[1]:
         logger.info("%s: dropped %d near-constant columns", name, data.shape[1] - kept.size)
     mean, std = train[:, kept].mean(0), std[kept]
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ValueError(
+            f"{name}: values too large to standardize (mean or standard deviation overflows); "
+            "rescale the data first"
+        )
     return Split(
         name=name,
         train=(train[:, kept] - mean) / std,

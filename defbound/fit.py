@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,8 +166,19 @@ def fit(
     """
     _check_options(method, mstep, max_sweeps, tol, patience, omega)
     _check_data(x)
+    if mstep != "none" and x.shape[0] < 2:
+        raise ValueError(
+            f"learning parameters needs at least 2 data rows, got {x.shape[0]} (pass "
+            "mstep='none' for inference only)"
+        )
     guide = guide if guide is not None else MeanFieldGuide(model)
     guide.ensure_setup(x)
+    if mstep != "none" and x.shape[0] > 1 and bool((x.std(0) == 0).any()):
+        warnings.warn(
+            "some data columns are constant: their noise variance collapses to min_noise_var "
+            "and the ELBO is then dominated by that floor; drop constant columns first",
+            stacklevel=2,
+        )
     result = FitResult(n_rows=int(x.shape[0]))
     result.config = {
         "method": method, "mstep": mstep, "max_sweeps": max_sweeps, "tol": tol,
@@ -292,6 +304,8 @@ def _check_data(x: Tensor) -> None:
         raise ValueError(f"data is empty: shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"data has {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+    if not x.is_floating_point():
+        raise ValueError(f"data must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def _trace_structure(model: Callable, x: Tensor) -> tuple[DEFStructure, dict[int, str]]:
@@ -388,8 +402,23 @@ def _save(path: Path, snapshot: _Snapshot, result: FitResult) -> None:
 
 
 def _restore(path: Path, result: FitResult) -> float:
-    state = torch.load(path, weights_only=False)
-    pyro.get_param_store().set_state(state["param_store"])
+    """Load a checkpoint into the param store after checking it belongs to this model and data."""
+    try:
+        state = torch.load(path, weights_only=False)
+        saved_params = state["param_store"]["params"]
+    except Exception as err:  # any unreadable file gets the same message
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}): {err}") from err
+    store = pyro.get_param_store()
+    current = {name: tuple(store[name].shape) for name in store}
+    saved = {name: tuple(value.shape) for name, value in saved_params.items()}
+    if current != saved:
+        differ = sorted(n for n in set(current) | set(saved) if current.get(n) != saved.get(n))
+        raise ValueError(
+            f"checkpoint {path} was written for another model or data: parameters {differ[:6]} "
+            f"differ in name or shape (checkpoint {[saved.get(n) for n in differ[:6]]}, now "
+            f"{[current.get(n) for n in differ[:6]]}); resume with the same model and data"
+        )
+    store.set_state(state["param_store"])
     saved = state["result"]
     for key in ("elbo", "bound", "max_change", "wall_time"):
         getattr(result, key).extend(saved[key])

@@ -143,3 +143,40 @@ def test_cli_fits_a_users_csv(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     fa = metrics["baselines"]["factor_analysis_2"]["heldout_loglik_per_row"]
     assert abs(metrics["heldout_loglik_per_row"] - fa) < 0.05 * abs(fa)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", "--widths", "6", "2", "--max-sweeps", "3", "--out", str(out), "--quiet",
+                 "--no-baseline"]) == 0
+    history = (out / "fit_history.json").read_text()
+    assert main(["fit", "--widths", "5", "--max-sweeps", "6", "--out", str(out), "--quiet",
+                 "--resume", "--no-baseline"]) == 2
+    assert "another model or data" in capsys.readouterr().err
+    assert (out / "fit_history.json").read_text() == history
+    (out / "checkpoint.pt").write_bytes(b"junk")
+    assert main(["fit", "--widths", "6", "2", "--max-sweeps", "6", "--out", str(out), "--quiet",
+                 "--resume", "--no-baseline"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_paths_devices_and_values(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    np.save(tmp_path / "huge.npy", np.random.default_rng(0).normal(size=(50, 3)) * 1e200)
+    np.save(tmp_path / "cplx.npy", np.ones((5, 2)) * (1 + 2j))
+    cases = [
+        (["--out", ""], "empty string"),
+        (["--out", str(a_file)], "not a folder"),
+        (["--out", str(a_file / "sub")], "below a file"),
+        (["--device", "banana"], "not a torch device"),
+        (["--data", str(folder)], "not a file"),
+        (["--data", str(tmp_path / "huge.npy")], "too large to standardize"),
+        (["--data", str(tmp_path / "cplx.npy")], "real numbers"),
+    ]
+    for extra, match in cases:
+        argv = ["fit", "--max-sweeps", "2", "--quiet", "--out", str(tmp_path / "o"), *extra]
+        assert main(argv) == 2, extra
+        assert match in capsys.readouterr().err, extra

@@ -206,3 +206,15 @@ def test_bad_model_parameters_are_refused():
         GaussianDEF([3, 2], weights=[torch.ones(2, 2)])
     with pytest.raises(ValueError, match="widths"):
         GaussianDEF([3])
+
+
+def test_degenerate_data_is_refused_or_warned():
+    model = GaussianDEF([3, 2])
+    with pytest.raises(ValueError, match="at least 2 data rows"):
+        fit(model, torch.ones(1, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="floating-point"):
+        fit(model, torch.ones(4, 3, dtype=torch.int64))
+    x = torch.randn(10, 3, dtype=torch.float64)
+    x[:, 1] = 2.0
+    with pytest.warns(UserWarning, match="constant"):
+        fit(model, x, max_sweeps=2)
