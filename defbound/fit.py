@@ -188,7 +188,8 @@ def fit(
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     elapsed = 0.0
     if resume and ckpt is not None and ckpt.exists():
-        elapsed = _restore(ckpt, result)
+        required = {n for s in guide.site_names for n in (guide.loc_name(s), guide.scale_name(s))}
+        elapsed = _restore(ckpt, result, required)
         logger.info("resumed from %s after %d sweeps", ckpt, result.sweeps)
 
     estep_svi = None
@@ -401,7 +402,7 @@ def _save(path: Path, snapshot: _Snapshot, result: FitResult) -> None:
     write_json(path.with_name(HISTORY_FILE), history)
 
 
-def _restore(path: Path, result: FitResult) -> float:
+def _restore(path: Path, result: FitResult, required: set[str]) -> float:
     """Load a checkpoint into the param store after checking it belongs to this model and data."""
     try:
         state = torch.load(path, weights_only=False)
@@ -411,8 +412,10 @@ def _restore(path: Path, result: FitResult) -> float:
     store = pyro.get_param_store()
     current = {name: tuple(store[name].shape) for name in store}
     saved = {name: tuple(value.shape) for name, value in saved_params.items()}
-    if current != saved:
-        differ = sorted(n for n in set(current) | set(saved) if current.get(n) != saved.get(n))
+    # every saved param must exist now with its shape, and every param of this fit must be saved
+    names = set(saved) | set(required)
+    differ = sorted(n for n in names if current.get(n) != saved.get(n))
+    if differ:
         raise ValueError(
             f"checkpoint {path} was written for another model or data: parameters {differ[:6]} "
             f"differ in name or shape (checkpoint {[saved.get(n) for n in differ[:6]]}, now "

@@ -108,6 +108,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     assert history["sweeps"] == 7
     assert (tmp_path / CHECKPOINT_FILE).exists()
     pyro.clear_param_store()
+    pyro.param("another_model.weights", torch.zeros(3))  # unrelated params do not block resume
     resumed = fit(
         GaussianDEF([6, 3, 2], seed=3),
         x,
