@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from defbound.cavi import largest_change, layer_precision, sweep_info
+from defbound.cavi import largest_change, layer_precision
 from defbound.state import DEFParameters, Moments
-from defbound.update import SweepInfo, mean_gradient, prior_mean
+from defbound.update import SweepInfo, mean_gradient, prior_mean, sweep_info
 
 logger = logging.getLogger(__name__)
 

@@ -28,13 +28,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from defbound.bound import elbo, fm_bound
 from defbound.state import DEFParameters, Moments
 from defbound.update import (
     SweepInfo,
     exact_precision_diagonal,
     mean_gradient,
     prior_mean,
+    sweep_info,
 )
 
 
@@ -199,15 +199,6 @@ def largest_change(change: float, step: Tensor) -> float:
     """``max(change, max|step|)``, or ``inf`` once a step is not finite (NaN must not vanish)."""
     value = step.abs().max().item()
     return max(change, value) if math.isfinite(value) else math.inf
-
-
-def sweep_info(params: DEFParameters, moments: Moments, change: float) -> SweepInfo:
-    """The sweep record: total ELBO, total FM bound and the largest mean change (inf if NaN)."""
-    value = elbo(params, moments).sum().item()
-    bound = fm_bound(params, moments).sum().item()
-    if not math.isfinite(change):
-        change = math.inf
-    return SweepInfo(elbo=value, bound=bound, max_change=change)
 
 
 def jacobi_spectral_radius(params: DEFParameters, layer: int) -> float:

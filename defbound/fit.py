@@ -21,14 +21,13 @@ from tqdm.auto import tqdm
 
 from defbound.atomic_io import save_torch, write_json
 from defbound.blocks import block_plan, block_sweep
-from defbound.bound import elbo, fm_bound
-from defbound.cavi import cavi_sweep, jacobi_sweep, sweep_info
+from defbound.cavi import cavi_sweep, jacobi_sweep
 from defbound.guide import MeanFieldGuide
 from defbound.mstep import Learnable, closed_form_mstep
 from defbound.state import DEFParameters, Moments
 from defbound.structure import DEFStructure, extract_structure
 from defbound.svi_baseline import guide_moments, guide_svi
-from defbound.update import Schedule, SweepInfo, VarianceRule, fm_sweep
+from defbound.update import Schedule, SweepInfo, VarianceRule, fm_sweep, sweep_info
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +232,7 @@ def fit(
             params = _maximise(
                 model, guide, x, structure, names, moments, mstep, min_noise_var, svi_steps, svi_lr
             )
-            value = elbo(params, moments).sum().item()
-            bound = fm_bound(params, moments).sum().item()
+            value, bound, _ = sweep_info(params, moments, info.max_change)
             previous = result.elbo[-1] if result.elbo else None
             result.elbo.append(value)
             result.bound.append(bound)

@@ -32,11 +32,10 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_mean
 from torch import Tensor
 
-from defbound.bound import elbo, fm_bound
 from defbound.guide import MeanFieldGuide
 from defbound.model import GaussianDEF
 from defbound.state import DEFParameters, Moments, check_parameters
-from defbound.update import SweepInfo
+from defbound.update import SweepInfo, sweep_info
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +155,7 @@ class SVIBaseline:
                 (a - b).abs().max().item()
                 for a, b in zip(moments.means[1:], previous.means[1:], strict=True)
             )
-        return SweepInfo(
-            elbo=elbo(self.params, moments).sum().item(),
-            bound=fm_bound(self.params, moments).sum().item(),
-            max_change=change,
-        )
+        return sweep_info(self.params, moments, change)
 
 
 def guide_moments(guide: MeanFieldGuide, x: Tensor) -> Moments:

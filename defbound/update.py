@@ -20,6 +20,7 @@ On a forest ``D = diag(Lambda_ll)`` and the step is exactly CAVI.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -165,6 +166,19 @@ class SweepInfo(NamedTuple):
     max_change: float
 
 
+def sweep_info(params: DEFParameters, moments: Moments, change: float) -> SweepInfo:
+    """The sweep record: total ELBO, total FM bound and the largest mean change.
+
+    The bound is taken as the ELBO minus :func:`defbound.bound.fm_gap`, so the ELBO is computed
+    once; a non-finite change is recorded as ``inf``.
+    """
+    value = elbo(params, moments).sum()
+    bound = value - fm_gap(params, moments).sum()
+    if not math.isfinite(change):
+        change = math.inf
+    return SweepInfo(elbo=value.item(), bound=bound.item(), max_change=change)
+
+
 @torch.no_grad()
 def fm_sweep(
     params: DEFParameters,
@@ -191,10 +205,4 @@ def fm_sweep(
         delta = (new.means[layer] - moments.means[layer]).abs().max().item()
         change = max(change, delta)
         moments = new
-    value = elbo(params, moments).sum()
-    info = SweepInfo(
-        elbo=value.item(),
-        bound=(value - fm_gap(params, moments).sum()).item(),
-        max_change=change,
-    )
-    return moments, info
+    return moments, sweep_info(params, moments, change)
