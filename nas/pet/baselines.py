@@ -297,7 +297,8 @@ def run_adalora(
 ) -> PetResult:
     """AdaLoRA (``peft``) pruned to the budget (module docstring), plus the head.
 
-    Schedule: ``tinit = T/10`` warm-up steps at full rank, cubic budget decrease, the last
+    Learning rate ``config.adalora_lr`` (default ``config.lr``). Schedule: ``tinit = T/10``
+    warm-up steps at full rank, cubic budget decrease, the last
     ``tfinal = T/5`` steps at the final rank, reallocation every ``deltaT = max(1, T/50)`` steps.
 
     Args:
@@ -359,6 +360,7 @@ def run_adalora(
         data["train"],
         config,
         seed,
+        lr=config.lr if config.adalora_lr is None else config.adalora_lr,
         loss_fn=model_loss,
         after_backward=peft_model.base_model.update_and_allocate,
         device=device,

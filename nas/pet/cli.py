@@ -71,6 +71,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=_positive, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--full-lr", type=float, default=5e-5)
+    p.add_argument(
+        "--adalora-lr",
+        type=float,
+        default=None,
+        help="learning rate of the AdaLoRA baseline (default: --lr)",
+    )
     p.add_argument("--r-max", type=_positive, default=8)
     p.add_argument("--score-batches", type=_positive, default=8)
     p.add_argument(
@@ -175,6 +181,8 @@ def _prepare(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"--search-steps must be >= 0, got {args.search_steps}")
     if not args.lr > 0 or not args.full_lr > 0:
         parser.error("--lr and --full-lr must be > 0")
+    if args.adalora_lr is not None and not args.adalora_lr > 0:
+        parser.error(f"--adalora-lr must be > 0, got {args.adalora_lr}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = _load_data(parser, args)
@@ -188,6 +196,7 @@ def _prepare(parser: argparse.ArgumentParser, args: argparse.Namespace):
         batch_size=args.batch_size,
         lr=args.lr,
         full_lr=args.full_lr,
+        adalora_lr=args.adalora_lr,
         max_length=args.max_length,
     )
     if args.max_train is not None:

@@ -41,6 +41,9 @@ class TrainConfig:
         batch_size: examples per step.
         lr: peak learning rate of the PET parameters and the head.
         full_lr: peak learning rate for full fine-tuning (all weights).
+        adalora_lr: peak learning rate of the AdaLoRA baseline (``None``: ``lr``). AdaLoRA's
+            singular values start at zero and its orthogonality penalty pulls on the factors,
+            so on short schedules it needs a larger rate than LoRA; choose it on validation.
         weight_decay: AdamW weight decay.
         warmup_fraction: fraction ``rho`` of the steps spent in linear warm-up, in ``[0, 1)``.
         max_length: token limit per text (longer texts are truncated).
@@ -54,6 +57,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     full_lr: float = 5e-5
+    adalora_lr: float | None = None
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     max_length: int = 64
@@ -64,7 +68,9 @@ class TrainConfig:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "full_lr"):
+        for name in ("lr", "full_lr", "adalora_lr"):
+            if name == "adalora_lr" and self.adalora_lr is None:
+                continue
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weight_decay < 0:
