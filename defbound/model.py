@@ -60,6 +60,10 @@ class GaussianDEF:
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
     ) -> None:
+        widths = list(widths)
+        bad = [k for k in widths if isinstance(k, bool) or int(k) != k]
+        if bad:
+            raise ValueError(f"widths must be whole numbers, got {bad} in {widths}")
         widths = [int(k) for k in widths]
         if len(widths) < 2 or min(widths) < 1:
             raise ValueError(
@@ -70,6 +74,7 @@ class GaussianDEF:
         self.depth = len(widths) - 1
         self.learnable = learnable
         self.prefix = prefix
+        self.dtype = dtype
         factory = {"dtype": dtype, "device": device}
         if weights is None:
             gen = torch.Generator().manual_seed(seed)
@@ -132,6 +137,11 @@ class GaussianDEF:
         if x.dim() != 2 or x.shape[-1] != self.widths[0]:
             raise ValueError(
                 f"data must have shape (N, {self.widths[0]}), got {tuple(x.shape)}"
+            )
+        if x.dtype != self.dtype:
+            raise ValueError(
+                f"data has dtype {x.dtype} but the model's parameters are {self.dtype}; "
+                f"convert it with x.to({self.dtype})"
             )
         L = self.depth
         with pyro.plate("data", x.shape[0], dim=-1):

@@ -219,3 +219,11 @@ def test_degenerate_data_is_refused_or_warned():
     x[:, 1] = 2.0
     with pytest.warns(UserWarning, match="constant"):
         fit(model, x, max_sweeps=2)
+
+
+def test_model_refuses_fractional_widths_and_data_of_another_dtype():
+    with pytest.raises(ValueError, match="whole numbers"):
+        GaussianDEF([6, 2.5])
+    model = GaussianDEF([6, 3])
+    with pytest.raises(ValueError, match="dtype torch.float32 but the model's parameters"):
+        model(torch.zeros(4, 6, dtype=torch.float32))

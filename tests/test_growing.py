@@ -741,3 +741,39 @@ def test_learned_fan_in_reaches_the_true_optimum_of_one_unit_problems():
         assert best > 0 and learned <= best * (1 + 1e-9)
         ratios.append(learned / best)
     assert sum(r >= 0.99 for r in ratios) >= 9, ratios
+
+
+# ------------------------------------------------------------------------------------------------
+# T8: growth beats random growth (real data: scikit-learn's digits)
+
+
+def test_gn_growth_lowers_the_training_loss_more_than_random_growth_on_digits():
+    """T8: same seed networks, data order and units per round, 5 seeds, paired one-sided tests.
+
+    Random growth inserts with zero fan-out, so its insertion changes nothing; GN's insertion
+    must lower the training loss, and the loss after the between-round training must be lower
+    than random growth's too.
+    """
+    from scipy.stats import ttest_rel
+
+    split = load_split("digits", dtype=DTYPE)
+    spec = NetworkSpec("mlp", (64,), (4, 4), 10)
+    config = dict(rounds=4, units=2, initial_epochs=10, epochs_per_round=2, final_epochs=0,
+                  batch_size=64, lr=3e-3)
+    insertion, after_training = {"gn": [], "random": []}, {"gn": [], "random": []}
+    for seed in range(5):
+        for name, strategy in (("gn", GaussNewtonGrowth(stat_examples=256, measure=False)),
+                               ("random", RandomGrowth())):
+            result = run_growth(strategy, spec.build(seed, dtype=DTYPE), split,
+                                GrowthConfig(seed=seed, **config))
+            history = result.history
+            assert len(history) == config["rounds"] + 1
+            changes = [r["train_loss_after_growth"] - p["train_loss"]
+                       for p, r in zip(history, history[1:], strict=False)]
+            insertion[name].append(float(np.mean(changes)))
+            after_training[name].append(float(np.mean([r["train_loss"] for r in history[1:]])))
+    assert max(abs(c) for c in insertion["random"]) < 1e-12
+    assert max(insertion["gn"]) < 0
+    assert ttest_rel(insertion["gn"], insertion["random"], alternative="less").pvalue < 0.05
+    assert ttest_rel(after_training["gn"], after_training["random"],
+                     alternative="less").pvalue < 0.05
