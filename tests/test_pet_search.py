@@ -281,6 +281,24 @@ def test_adalora_ends_within_one_triplet_of_the_budget(corpus):
     assert sum(result.details["ranks"].values()) == budget // triplet
 
 
+def test_adalora_trains_at_its_own_learning_rate(corpus, monkeypatch):
+    _, tok, data = corpus
+    seen = []
+    original = baselines.fit
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("lr"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "fit", spy)
+    baselines.run_adalora(_model(tok), data, TRAIN, budget=300, init_r=6)
+    own = TrainConfig(**{**TRAIN.__dict__, "adalora_lr": 0.0125})
+    baselines.run_adalora(_model(tok), data, own, budget=300, init_r=6)
+    assert seen == [TRAIN.lr, 0.0125]
+    with pytest.raises(ValueError, match="adalora_lr must be > 0"):
+        TrainConfig(adalora_lr=-1.0)
+
+
 def test_adalora_refuses_a_budget_below_one_triplet(corpus):
     _, tok, data = corpus
     with pytest.raises(ValueError, match="triplet"):
@@ -417,6 +435,7 @@ def _cli(tmp_path, model_dir, data_file, *extra):
         (["--budget", "100000000"], "exceeds the supernet"),
         (["--text-column", "body"], "missing column"),
         (["--steps", "-3"], "positive integer"),
+        (["--adalora-lr", "0"], "--adalora-lr must be > 0"),
         (["--model", "/nonexistent/model"], "existing local model folder"),
     ],
 )
