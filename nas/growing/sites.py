@@ -310,10 +310,12 @@ def IncrementHook(increments: list[Increment]) -> Iterator[None]:  # noqa: N802
             number: int = number,
             increment: Increment = increment,
         ) -> Tensor:
-            z = pre_activations(increment.site, captured.pop(number), increment.fan_in,
-                                increment.bias)
-            s = new_activations(increment.site, z, increment.norm)
-            return output + consumer_increment(increment.site, s, increment.fan_out)
+            # the increment's tensors may be float64 statistics: compute in the model's dtype
+            h = captured.pop(number)
+            bias = None if increment.bias is None else increment.bias.to(h)
+            z = pre_activations(increment.site, h, increment.fan_in.to(h), bias)
+            s = new_activations(increment.site, z, increment.norm).to(output.dtype)
+            return output + consumer_increment(increment.site, s, increment.fan_out.to(output))
 
         handles.append(site.producer_layer.register_forward_pre_hook(remember))
         handles.append(site.consumer_layer.register_forward_hook(add))
