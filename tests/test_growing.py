@@ -753,11 +753,12 @@ def test_learned_fan_in_reaches_the_true_optimum_of_one_unit_problems():
 
 
 def test_gn_growth_lowers_the_training_loss_more_than_random_growth_on_digits():
-    """T8: same seed networks, data order and units per round, 5 seeds, paired one-sided tests.
+    """T8: same seed networks, data order and units per round, 8 seeds, paired one-sided tests.
 
     Random growth inserts with zero fan-out, so its insertion changes nothing; GN's insertion
     must lower the training loss, and the loss after the between-round training must be lower
-    than random growth's too.
+    than random growth's too (p = 0.012 here; with the spec's minimum of 5 seeds it is 0.041,
+    too close to the threshold for a test that must pass on other CPUs).
     """
     from scipy.stats import ttest_rel
 
@@ -766,7 +767,7 @@ def test_gn_growth_lowers_the_training_loss_more_than_random_growth_on_digits():
     config = dict(rounds=4, units=2, initial_epochs=10, epochs_per_round=2, final_epochs=0,
                   batch_size=64, lr=3e-3)
     insertion, after_training = {"gn": [], "random": []}, {"gn": [], "random": []}
-    for seed in range(5):
+    for seed in range(8):
         for name, strategy in (("gn", GaussNewtonGrowth(stat_examples=256, measure=False)),
                                ("random", RandomGrowth())):
             result = run_growth(strategy, spec.build(seed, dtype=DTYPE), split,
