@@ -97,7 +97,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", choices=("crop", "crop_flip"), default=None)
     p.add_argument("--stat-examples", type=int, default=512,
                    help="examples of a statistics pass (GN, TINY, GradMax, Firefly scoring)")
-    p.add_argument("--damping", type=float, default=0.1, help="GN function-space damping")
+    p.add_argument("--damping", type=float, default=1.0,
+                   help="GN function-space damping lambda (1.0 chosen on validation accuracy)")
     p.add_argument("--fan-in-steps", type=int, default=20, help="GN variable-projection steps")
     p.add_argument("--exact-curvature", action="store_true",
                    help="GN: exact GGN (o backward passes per example) instead of sampled")

@@ -77,7 +77,7 @@ candidates = []
 for site in sites:
     learned = learn_morphism(site, stats[site.index].subset(slice(0, 200)),
                              stats[site.index].subset(slice(200, None)), k=2,
-                             config=GaussNewtonConfig(damping=0.1, fan_in_steps=20))
+                             config=GaussNewtonConfig(fan_in_steps=20))
     candidates.append(Candidate(site.index, site.name, 2, learned.fan_in, learned.bias,
                                 learned.fan_out, learned.norm, learned.score,
                                 site.added_parameters(2), learned.predicted_change()))

@@ -90,7 +90,9 @@ class GaussNewtonConfig:
     r"""Options of `learn_morphism`.
 
     Attributes:
-        damping: :math:`\lambda \ge 0`.
+        damping: :math:`\lambda \ge 0`. The default 1.0 was chosen on validation accuracy
+            (MNIST-5k MLP and digits CNN benchmarks); at 0.1 the inserted fan-out overshoots on
+            convolutional nets with batch norm and the predicted change ranks candidates worse.
         damping_kind: ``"function"`` (:math:`D = I_q \otimes \Sigma_U`) or ``"parameter"``
             (:math:`D = I`).
         curvature: ``"ggn"`` or ``"identity"`` (TINY-like model).
@@ -101,7 +103,7 @@ class GaussNewtonConfig:
         restarts: Random starts tried (best kept) when the eigen start does not apply.
     """
 
-    damping: float = 0.1
+    damping: float = 1.0
     damping_kind: DampingKind = "function"
     curvature: Curvature = "ggn"
     init: Literal["eigen", "random"] = "eigen"
