@@ -757,7 +757,7 @@ def test_gn_growth_lowers_the_training_loss_more_than_random_growth_on_digits():
 
     Random growth inserts with zero fan-out, so its insertion changes nothing; GN's insertion
     must lower the training loss, and the loss after the between-round training must be lower
-    than random growth's too (p = 0.012 here; with the spec's minimum of 5 seeds it is 0.041,
+    than random growth's too (p = 0.017 here; with the spec's minimum of 5 seeds it is 0.039,
     too close to the threshold for a test that must pass on other CPUs).
     """
     from scipy.stats import ttest_rel
