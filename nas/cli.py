@@ -132,6 +132,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--device {args.device} requested but CUDA is not available")
     if min(args.widths) < 1 or args.units < 1 or args.rounds < 0:
         raise ValueError("--widths and --units must be positive and --rounds >= 0")
+    # build every option object once so bad values fail before anything is written
+    _config(args, args.seeds[0] if args.command == "bench" else args.seed)
+    for name in args.methods:
+        if name in GROWERS:
+            _strategy(name, args)
 
 
 def _config(args: argparse.Namespace, seed: int) -> GrowthConfig:
@@ -194,6 +199,7 @@ def _grow(args: argparse.Namespace, seed: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     data = load_split(args.data, root=args.cifar_root, seed=seed, device=device)
+    dtype = data.train_inputs.dtype  # the network follows the data, whatever the default dtype
     spec = NetworkSpec(args.model, data.input_shape, tuple(args.widths), data.num_classes,
                        args.batch_norm)
     config = _config(args, seed)
@@ -211,9 +217,10 @@ def _grow(args: argparse.Namespace, seed: int, out: Path) -> dict:
                 tqdm.write(_round_line(method, seed, record))
 
         start = time.perf_counter()
-        result = run_growth(_strategy(method, args), spec.build(seed, device=device), data,
-                            config, checkpoint=out / method / "checkpoint.pt",
-                            resume=args.resume, on_round=on_round)
+        model = spec.build(seed, device=device, dtype=dtype)
+        result = run_growth(_strategy(method, args), model, data, config,
+                            checkpoint=out / method / "checkpoint.pt", resume=args.resume,
+                            on_round=on_round)
         bar.update(config.rounds + 1 - len(result.history))
         results[method] = {"history": result.history, "final": result.final,
                            "stopped": result.stopped,
@@ -231,8 +238,8 @@ def _grow(args: argparse.Namespace, seed: int, out: Path) -> dict:
                 spec.build())
             widths = _uniform_widths(spec, target)
         start = time.perf_counter()
-        result = train_static(spec.with_widths(widths).build(seed, device=device), data,
-                              config, total_epochs(config, rounds),
+        model = spec.with_widths(widths).build(seed, device=device, dtype=dtype)
+        result = train_static(model, data, config, total_epochs(config, rounds),
                               checkpoint=out / method / "checkpoint.pt", resume=args.resume)
         bar.update(1)
         results[method] = {"history": result.history, "final": result.final,

@@ -1,6 +1,7 @@
 """Tests for nas.growing: the Gauss-Newton model of a candidate, baselines, loop and data."""
 
 import copy
+import json
 import math
 import pickle
 
@@ -783,3 +784,47 @@ def test_gn_growth_lowers_the_training_loss_more_than_random_growth_on_digits():
     assert ttest_rel(insertion["gn"], insertion["random"], alternative="less").pvalue < 0.05
     assert ttest_rel(after_training["gn"], after_training["random"],
                      alternative="less").pvalue < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# The grow command
+
+
+def test_grow_run_and_bench_on_digits_write_metrics_checkpoints_and_plots(tmp_path, capsys):
+    from nas.cli import main
+
+    small = ["--data", "digits", "--widths", "4", "4", "--rounds", "1", "--units", "2",
+             "--initial-epochs", "1", "--epochs-per-round", "1", "--final-epochs", "1",
+             "--stat-examples", "64", "--fan-in-steps", "2", "--quiet"]
+    out = tmp_path / "run"
+    assert main(["run", *small, "--methods", "gn", "random", "static", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"gn", "random", "static"}
+    gn = metrics["methods"]["gn"]["final"]
+    assert metrics["methods"]["static"]["final"]["widths"] == gn["widths"]
+    assert sum(gn["widths"]) == 4 + 4 + 2
+    for name in ("accuracy_vs_params.png", "predicted_vs_actual.png", "gn/checkpoint.pt",
+                 "static/checkpoint.pt"):
+        assert (out / name).stat().st_size > 0, name
+
+    bench = tmp_path / "bench"
+    assert main(["bench", *small, "--methods", "gn", "static", "--seeds", "0", "1",
+                 "--out", str(bench)]) == 0
+    summary = json.loads((bench / "bench.json").read_text())
+    assert summary["seeds"] == [0, 1] and "gn_spearman_rounds_at_least_0.8" in summary["targets"]
+    assert (bench / "seed_1" / "metrics.json").exists() and (bench / "bench.png").exists()
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--damping", "-1"], "damping must be a finite number"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--fan-in-steps", "-2"], "fan_in_steps must be >= 0"),
+    (["--units", "0"], "--units must be positive"),
+])
+def test_grow_refuses_bad_options_before_writing_anything(tmp_path, capsys, option, message):
+    from nas.cli import main
+
+    out = tmp_path / "never"
+    assert main(["run", "--data", "digits", *option, "--quiet", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
