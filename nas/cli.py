@@ -15,6 +15,7 @@ and ``bench.png`` with means and spreads and the check of the targets.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"grow: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ngrow: interrupted; every finished round is saved in {args.out}; continue with "
+              "the same command and --resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -132,11 +137,63 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--device {args.device} requested but CUDA is not available")
     if min(args.widths) < 1 or args.units < 1 or args.rounds < 0:
         raise ValueError("--widths and --units must be positive and --rounds >= 0")
+    if args.stat_examples < 1 or args.nash_children < 1 or args.firefly_steps < 0:
+        raise ValueError("--stat-examples and --nash-children must be >= 1 and "
+                         "--firefly-steps >= 0")
+    if args.max_params is not None and args.max_params < 1:
+        raise ValueError(f"--max-params must be a positive parameter count, got "
+                         f"{args.max_params}")
     # build every option object once so bad values fail before anything is written
     _config(args, args.seeds[0] if args.command == "bench" else args.seed)
     for name in args.methods:
         if name in GROWERS:
             _strategy(name, args)
+    _check_out(args)
+
+
+# options that define what a run computes: a resumed run must use the same ones
+RUN_DEFINING = ("data", "cifar_root", "model", "widths", "batch_norm", "rounds", "units",
+                "initial_epochs", "epochs_per_round", "final_epochs", "batch_size", "lr",
+                "max_params", "patience", "min_relative_score", "stop_without_gain", "augment",
+                "stat_examples", "damping", "fan_in_steps", "exact_curvature",
+                "diagnostic_sizes", "nash_children", "firefly_steps", "seed", "seeds")
+RUN_FILE = "command.json"
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse to overwrite a run; on ``--resume`` refuse options that differ from the run's.
+
+    A new run needs a missing or empty ``--out``; ``--resume`` needs the ``command.json`` an
+    earlier run wrote there, and every run-defining option must match it (the methods may
+    differ: each method has its own checkpoint).
+    """
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    recorded = out / RUN_FILE
+    wanted = {k: getattr(args, k) for k in RUN_DEFINING if hasattr(args, k)}
+    if not args.resume:
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"--out {out} is not empty; pass --resume to continue the run "
+                             "there, or give a new folder")
+        return
+    if not recorded.exists():
+        raise ValueError(f"--resume: {recorded} not found; {out} holds no grow run to "
+                         "continue (start one without --resume)")
+    before = json.loads(recorded.read_text())
+    differ = [k for k, v in wanted.items() if k in before and before[k] != v]
+    if differ:
+        detail = ", ".join(f"--{k.replace('_', '-')} {before[k]!r} -> {wanted[k]!r}"
+                           for k in differ)
+        raise ValueError(f"--resume with other options than the run in {out}: {detail}")
+
+
+def _record_command(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RUN_FILE).exists():
+        write_json(out / RUN_FILE, {k: getattr(args, k) for k in RUN_DEFINING
+                                     if hasattr(args, k)})
 
 
 def _config(args: argparse.Namespace, seed: int) -> GrowthConfig:
@@ -196,9 +253,10 @@ def _uniform_widths(spec: NetworkSpec, target: int) -> tuple[int, ...]:
 
 
 def _grow(args: argparse.Namespace, seed: int, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     data = load_split(args.data, root=args.cifar_root, seed=seed, device=device)
+    _record_command(args)
+    out.mkdir(parents=True, exist_ok=True)
     dtype = data.train_inputs.dtype  # the network follows the data, whatever the default dtype
     spec = NetworkSpec(args.model, data.input_shape, tuple(args.widths), data.num_classes,
                        args.batch_norm)

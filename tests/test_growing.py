@@ -828,3 +828,23 @@ def test_grow_refuses_bad_options_before_writing_anything(tmp_path, capsys, opti
     assert main(["run", "--data", "digits", *option, "--quiet", "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_grow_refuses_to_overwrite_a_run_and_to_resume_with_other_options(tmp_path, capsys):
+    from nas.cli import main
+
+    small = ["--data", "digits", "--widths", "3", "--rounds", "1", "--initial-epochs", "1",
+             "--epochs-per-round", "1", "--final-epochs", "0", "--methods", "random", "--quiet"]
+    out = tmp_path / "run"
+    assert main(["run", *small, "--out", str(out)]) == 0
+    before = (out / "metrics.json").read_bytes()
+    assert main(["run", *small, "--out", str(out)]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+    assert main(["run", *small, "--widths", "4", "--out", str(out), "--resume"]) == 2
+    assert "--widths [3] -> [4]" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == before
+    assert main(["run", *small, "--out", str(out), "--resume"]) == 0
+    assert main(["run", *small, "--out", str(tmp_path / "fresh"), "--resume"]) == 2
+    assert "holds no grow run" in capsys.readouterr().err
+    assert main(["run", *small, "--stat-examples", "0", "--out", str(tmp_path / "s0")]) == 2
+    assert "--stat-examples" in capsys.readouterr().err and not (tmp_path / "s0").exists()
