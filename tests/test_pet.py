@@ -657,6 +657,8 @@ def test_local_table_loading_and_errors(tmp_path):
         split_dataframe(pd.DataFrame({"text": ["a"], "label": [0]}), test_fraction=0.6)
     with pytest.raises(ValueError, match="label names"):
         split_dataframe(pd.DataFrame({"text": ["a", "b"], "label": [0, 2]}), label_names=["x"])
+    with pytest.raises(ValueError, match="test and validation split would be empty"):
+        split_dataframe(pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}))
 
 
 def test_missing_offline_packages_raise_with_install_line(monkeypatch):

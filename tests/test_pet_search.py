@@ -477,6 +477,12 @@ def test_cli_search_writes_metrics_adapter_and_plot(tmp_path, model_dir, data_fi
     with open(out / "budget.png", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "test accuracy" in capsys.readouterr().out
+    # resuming with another budget is refused with the differing option named, no traceback
+    _, argv = _cli(tmp_path, model_dir, data_file, "--budget", "400", "--resume")
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "other search options (budget:" in capsys.readouterr().err
 
 
 def test_dtype_is_passed_through(corpus):

@@ -217,7 +217,7 @@ def _search(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from nas.pet.allocation import plot_allocation
     from nas.pet.benchmark import resolve_budget
     from nas.pet.export import export_peft, save_unstructured
-    from nas.pet.search import SearchConfig, run_search
+    from nas.pet.search import SearchConfig, check_resumable, run_search
     from nas.pet.supernet import PetSupernet, SupernetConfig
 
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -245,6 +245,10 @@ def _search(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
         )
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        check_resumable(config, os.path.join(args.out, "checkpoint"))
     except ValueError as err:
         parser.error(str(err))
     torch.manual_seed(args.seed)

@@ -100,6 +100,14 @@ def split_dataframe(
         raise ValueError(
             f"{n} rows leave no training rows with {validation_fraction=} and {test_fraction=}"
         )
+    empty = [name for name, count, fraction in (("test", n_test, test_fraction),
+                                                ("validation", n_val, validation_fraction))
+             if fraction > 0 and count == 0]
+    if empty:
+        raise ValueError(
+            f"{n} rows are too few: the {' and '.join(empty)} split would be empty with "
+            f"{validation_fraction=} and {test_fraction=}; give more rows"
+        )
     order = np.random.default_rng(seed).permutation(n)
     parts = {
         "test": order[:n_test],

@@ -229,6 +229,31 @@ def _config_key(config: SearchConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
+def _check_same_options(saved: str, wanted: str, checkpoint_dir: str) -> None:
+    if saved == wanted:
+        return
+    before, now = json.loads(saved), json.loads(wanted)
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ)
+    raise ValueError(
+        f"the checkpoint in {checkpoint_dir} was written with other search options ({detail}); "
+        "use the same options, another directory, or delete it"
+    )
+
+
+def check_resumable(config: SearchConfig, checkpoint_dir: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming the options that differ from a checkpoint in the folder.
+
+    Args:
+        config: the options of the search about to run.
+        checkpoint_dir: the folder ``run_search`` checkpoints to (nothing there: no error).
+    """
+    path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT)
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+        _check_same_options(saved, _config_key(config), os.fspath(checkpoint_dir))
+
+
 # --------------------------------------------------------------------------------------------
 # stages
 
@@ -490,11 +515,7 @@ def run_search(
         path = os.path.join(checkpoint_dir, CHECKPOINT)
         if os.path.isfile(path):
             payload = torch.load(path, map_location="cpu", weights_only=False)
-            if payload["config"] != key:
-                raise ValueError(
-                    f"the checkpoint in {checkpoint_dir} was written with other search options; "
-                    "use another directory or delete it"
-                )
+            _check_same_options(payload["config"], key, checkpoint_dir)
             logger.info("resuming search after stage %r", payload["stage"])
     done = STAGES.index(payload["stage"]) + 1 if payload["stage"] else 0
     record = payload["record"]
