@@ -174,10 +174,18 @@ def log_likelihood(params: DEFParameters, x: Tensor) -> Tensor:
 
     Returns:
         Tensor of shape ``(N,)``.
+
+    Raises:
+        ValueError: if ``x`` is not ``(N, K_0)`` or its dtype differs from the parameters'.
     """
+    W0 = params.weights[0]
+    if x.dim() != 2 or x.shape[-1] != W0.shape[0]:
+        raise ValueError(f"x must have shape (N, {W0.shape[0]}), got {tuple(x.shape)}")
+    if x.dtype != W0.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the parameters are {W0.dtype}; "
+                         f"convert it with x.to({W0.dtype})")
     r = x - marginal_mean(params, 0)
     D = x.shape[-1]
-    W0 = params.weights[0]
     psi = params.noise_vars[0]
     sigma1 = marginal_covariance(params, 1)
     K1 = sigma1.shape[0]

@@ -60,6 +60,8 @@ class GaussianDEF:
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
     ) -> None:
+        if isinstance(widths, str | bytes):
+            raise ValueError(f"widths must be a sequence of integers, got the string {widths!r}")
         widths = list(widths)
         bad = [k for k in widths if isinstance(k, bool) or int(k) != k]
         if bad:

@@ -224,6 +224,19 @@ def test_degenerate_data_is_refused_or_warned():
 def test_model_refuses_fractional_widths_and_data_of_another_dtype():
     with pytest.raises(ValueError, match="whole numbers"):
         GaussianDEF([6, 2.5])
+    with pytest.raises(ValueError, match="the string '64'"):
+        GaussianDEF("64")
     model = GaussianDEF([6, 3])
     with pytest.raises(ValueError, match="dtype torch.float32 but the model's parameters"):
         model(torch.zeros(4, 6, dtype=torch.float32))
+
+
+def test_exact_log_likelihood_checks_shape_and_dtype():
+    from defbound.exact import log_likelihood
+
+    model = GaussianDEF([6, 3])
+    params = model.parameters()
+    with pytest.raises(ValueError, match=r"shape \(N, 6\)"):
+        log_likelihood(params, torch.zeros(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype torch.float32 but the parameters"):
+        log_likelihood(params, torch.zeros(4, 6, dtype=torch.float32))
