@@ -178,6 +178,10 @@ def _check_out(args: argparse.Namespace) -> None:
                              "there, or give a new folder")
         return
     if not recorded.exists():
+        if out.is_dir() and any(out.rglob("checkpoint.pt")):
+            logger.warning("%s has checkpoints but no %s (an older run): its options cannot be "
+                           "compared with these", out, RUN_FILE)
+            return
         raise ValueError(f"--resume: {recorded} not found; {out} holds no grow run to "
                          "continue (start one without --resume)")
     before = json.loads(recorded.read_text())
