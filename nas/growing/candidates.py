@@ -233,15 +233,17 @@ def apply_candidate(
 
 
 def candidate_increment(site: Site, candidate: Candidate, scale: float = 1.0) -> Increment:
-    """The `nas.growing.sites.Increment` that adds ``candidate`` virtually at ``site``."""
-    layer = site.consumer_layer.weight
+    """The `nas.growing.sites.Increment` that adds ``candidate`` virtually at ``site``.
+
+    Tensors keep their dtype and device: `nas.growing.sites.IncrementHook` computes in the
+    model's.
+    """
     fan_out = (
-        torch.zeros(site.fan_out_shape(candidate.k), dtype=layer.dtype, device=layer.device)
+        candidate.fan_in.new_zeros(site.fan_out_shape(candidate.k))
         if candidate.fan_out is None
-        else scale * candidate.fan_out.to(layer)
+        else scale * candidate.fan_out
     )
-    bias = None if candidate.bias is None else candidate.bias.to(layer)
-    return Increment(site, candidate.fan_in.to(layer), bias, fan_out, candidate.norm)
+    return Increment(site, candidate.fan_in, candidate.bias, fan_out, candidate.norm)
 
 
 @torch.no_grad()

@@ -757,11 +757,8 @@ def _true_change(
     model = context.model
     was_training = model.training
     model.eval()
-    layer = site.consumer_layer.weight
-    increment = Increment(
-        site, learned.fan_in.to(layer), None if learned.bias is None else learned.bias.to(layer),
-        learned.fan_out.to(layer), learned.norm,
-    )
+    # the hook computes in the model's dtype and device
+    increment = Increment(site, learned.fan_in, learned.bias, learned.fan_out, learned.norm)
     with IncrementHook([increment]):
         value = float(per_example_loss(model(inputs), targets, context.loss).mean())
     model.train(was_training)
