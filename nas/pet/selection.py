@@ -39,6 +39,18 @@ class Selection(NamedTuple):
     score: float
 
 
+def _check_inputs(budget: int, scores: Mapping[Unit, float]) -> tuple[int, list[Unit]]:
+    """The checked budget and the units; refuse non-positive costs and non-finite scores."""
+    budget = _check_budget(budget)
+    units = list(scores)
+    for u in units:
+        if u.cost <= 0:
+            raise ValueError(f"unit {u} has non-positive cost")
+        if not math.isfinite(scores[u]):
+            raise ValueError(f"unit {u} has a non-finite score {scores[u]!r}")
+    return budget, units
+
+
 def _check_budget(budget: int) -> int:
     if int(budget) != budget or budget < 0:
         raise ValueError(f"budget must be a non-negative integer, got {budget!r}")
@@ -63,13 +75,7 @@ def greedy_select(scores: Mapping[Unit, float], budget: int) -> Selection:
         ValueError: on a negative or non-integer budget, a unit with non-positive cost or a
             non-finite score.
     """
-    budget = _check_budget(budget)
-    units = list(scores)
-    for u in units:
-        if u.cost <= 0:
-            raise ValueError(f"unit {u} has non-positive cost")
-        if not math.isfinite(scores[u]):
-            raise ValueError(f"unit {u} has a non-finite score {scores[u]!r}")
+    budget, units = _check_inputs(budget, scores)
     order = sorted(range(len(units)), key=lambda i: (-scores[units[i]] / units[i].cost, i))
     kept, cost, total = [], 0, 0.0
     for i in order:
@@ -115,13 +121,7 @@ def exact_select(
     """
     import numpy as np
 
-    budget = _check_budget(budget)
-    units = list(scores)
-    for u in units:
-        if u.cost <= 0:
-            raise ValueError(f"unit {u} has non-positive cost")
-        if not math.isfinite(scores[u]):
-            raise ValueError(f"unit {u} has a non-finite score {scores[u]!r}")
+    budget, units = _check_inputs(budget, scores)
     if budget == 0 or not units:
         return Selection((), 0, budget, 0.0)
     g = math.gcd(budget, *(u.cost for u in units))
